@@ -1,0 +1,234 @@
+"""The interface every pipeline family implements: encode prompts, run the denoiser with CFG, make noise, decode."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+
+@dataclass
+class PromptEmbeddings:
+    """
+    Text conditioning of a batch, as the denoiser of one pipeline family consumes it.
+
+    Args:
+        cond (`dict[str, torch.Tensor]`):
+            The prompts' conditioning, each tensor with the batch as its first dimension (e.g. SD3's
+            `encoder_hidden_states` and `pooled_projections`).
+        uncond (`dict[str, torch.Tensor]`, *optional*):
+            The negative prompt's conditioning, same keys and shapes, for classifier-free guidance.
+    """
+
+    cond: dict[str, torch.Tensor]
+    uncond: Optional[dict[str, torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+    def __getitem__(self, index: Union[int, slice, Sequence[int], torch.Tensor]) -> "PromptEmbeddings":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if isinstance(index, Sequence):
+            index = torch.as_tensor(index, dtype=torch.long)
+        uncond = None if self.uncond is None else {k: v[index] for k, v in self.uncond.items()}
+        return PromptEmbeddings({k: v[index] for k, v in self.cond.items()}, uncond)
+
+    def to(self, *args, **kwargs) -> "PromptEmbeddings":
+        uncond = None if self.uncond is None else {k: v.to(*args, **kwargs) for k, v in self.uncond.items()}
+        return PromptEmbeddings({k: v.to(*args, **kwargs) for k, v in self.cond.items()}, uncond)
+
+    @staticmethod
+    def cat(items: Sequence["PromptEmbeddings"]) -> "PromptEmbeddings":
+        """Concatenates along the batch dimension."""
+        cond = {k: torch.cat([item.cond[k] for item in items]) for k in items[0].cond}
+        uncond = None
+        if all(item.uncond is not None for item in items):
+            uncond = {k: torch.cat([item.uncond[k] for item in items]) for k in items[0].uncond}
+        return PromptEmbeddings(cond, uncond)
+
+
+@dataclass
+class _EmbeddingCache:
+    """Per-prompt embeddings kept on the CPU: text encoders are frozen, so a prompt is encoded once per run."""
+
+    max_items: int = 50_000
+    items: dict = field(default_factory=dict)
+
+    def get(self, key):
+        return self.items.get(key)
+
+    def put(self, key, value) -> None:
+        if len(self.items) >= self.max_items:
+            self.items.pop(next(iter(self.items)))
+        self.items[key] = value
+
+
+class DiffusionAdapter(ABC):
+    """
+    Glue between a diffusers pipeline of one family and the trainers.
+
+    An adapter knows how its family encodes prompts, calls its denoiser with classifier-free guidance (one batched
+    forward for the negative and positive halves), draws initial noise, sets the sampling schedule and decodes
+    latents. Everything else in the library (kernels, rollout, trainers) is family-agnostic.
+
+    Args:
+        pipeline (`DiffusionPipeline`): the pipeline to wrap; its modules are used in place, not copied.
+    """
+
+    denoiser_name: str = "transformer"
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self._cache = _EmbeddingCache()
+        self._negative_cache: dict = {}
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    @property
+    def default_resolution(self) -> int:
+        """The pipeline's native image size in pixels."""
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    @property
+    def num_latent_channels(self) -> int:
+        return self.denoiser.config.in_channels
+
+    # ----- text -----------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
+        """Encodes prompts into the denoiser's conditioning tensors (batch first)."""
+
+    @torch.no_grad()
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: Optional[str] = "",
+        max_sequence_length: Optional[int] = None,
+        cache: bool = True,
+    ) -> PromptEmbeddings:
+        """
+        Encodes a batch of prompts (and the negative prompt for CFG), each distinct prompt once per run.
+
+        Args:
+            prompts (`Sequence[str]`): the prompts.
+            negative_prompt (`str`, *optional*, defaults to `""`): the CFG negative prompt; `None` skips it.
+            max_sequence_length (`int`, *optional*): the T5 sequence length, where the family has one.
+            cache (`bool`, defaults to `True`): keep each prompt's embeddings (on the CPU) for later calls.
+        """
+        prompts = list(prompts)
+        key = max_sequence_length
+        missing = list(dict.fromkeys(p for p in prompts if not cache or self._cache.get((p, key)) is None))
+        fresh = {}
+        if missing:
+            encoded = self._encode(missing, max_sequence_length)
+            for i, prompt in enumerate(missing):
+                fresh[prompt] = {k: v[i : i + 1] for k, v in encoded.items()}
+                if cache:
+                    self._cache.put((prompt, key), {k: v.cpu() for k, v in fresh[prompt].items()})
+        device = self.device
+        rows = [fresh.get(p) or self._cache.get((p, key)) for p in prompts]
+        cond = {k: torch.cat([row[k].to(device) for row in rows]) for k in rows[0]}
+        uncond = None
+        if negative_prompt is not None:
+            if (negative_prompt, key) not in self._negative_cache:
+                self._negative_cache[(negative_prompt, key)] = self._encode([negative_prompt], max_sequence_length)
+            negative = self._negative_cache[(negative_prompt, key)]
+            uncond = {k: v.to(device).expand(len(prompts), *v.shape[1:]) for k, v in negative.items()}
+        return PromptEmbeddings(cond, uncond)
+
+    # ----- denoiser -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _forward(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """One denoiser call on a batch (no guidance)."""
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        embeddings: PromptEmbeddings,
+        guidance_scale: float = 1.0,
+        denoiser: Optional[torch.nn.Module] = None,
+    ) -> torch.Tensor:
+        """
+        The denoiser's output after classifier-free guidance, in float32.
+
+        With `guidance_scale > 1` the negative and positive halves go through the denoiser as one batch of `2B`.
+
+        Args:
+            latents (`torch.Tensor` of shape `(B, C, H, W)`): the current states.
+            timestep (`float` or `torch.Tensor`): a value of `scheduler.timesteps`, one or one per sample.
+            embeddings ([`PromptEmbeddings`]): the batch's conditioning (needs `uncond` for CFG).
+            guidance_scale (`float`, defaults to 1.0): CFG scale; 1 means no guidance (one forward of `B`).
+            denoiser (`torch.nn.Module`, *optional*): the module to call, e.g. the DDP-wrapped denoiser in training.
+        """
+        denoiser = self.denoiser if denoiser is None else denoiser
+        batch_size = latents.shape[0]
+        timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1)
+        timestep = timestep.expand(batch_size) if timestep.numel() == 1 else timestep
+        model_input = latents.to(self.dtype)
+        if guidance_scale == 1.0:
+            return self._forward(denoiser, model_input, timestep, embeddings.cond).float()
+        if embeddings.uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs negative-prompt embeddings; none were encoded.")
+        cond = {k: torch.cat([embeddings.uncond[k], v]) for k, v in embeddings.cond.items()}
+        output = self._forward(denoiser, torch.cat([model_input] * 2), torch.cat([timestep] * 2), cond).float()
+        uncond_out, cond_out = output.chunk(2)
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+    # ----- noise, schedule, decoding --------------------------------------------------------------------------------
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        factor = self.vae_scale_factor
+        if height % (factor * self.patch_size) or width % (factor * self.patch_size):
+            raise ValueError(
+                f"height and width must be multiples of {factor * self.patch_size} for this pipeline, got "
+                f"{height}x{width}."
+            )
+        return (batch_size, self.num_latent_channels, height // factor, width // factor)
+
+    @property
+    def patch_size(self) -> int:
+        return 1
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+    ) -> torch.Tensor:
+        """Initial noise x_0 in float32, drawn as the pipeline draws it (same generator, same numbers)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = self.latent_shape(batch_size, height, width)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        return latents * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
+    @abstractmethod
+    def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """Sets the scheduler's schedule as the pipeline's `__call__` would; returns the timesteps."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (float32)."""

@@ -1,0 +1,72 @@
+"""Adapter for the Stable Diffusion 3 / 3.5 family (`StableDiffusion3Pipeline`): flow matching, MMDiT transformer."""
+
+from typing import Optional
+
+import torch
+
+from .base import DiffusionAdapter
+
+
+class SD3Adapter(DiffusionAdapter):
+    """
+    [`DiffusionAdapter`] for `StableDiffusion3Pipeline`: three text encoders (two CLIP, one T5), an `SD3Transformer2DModel`
+    predicting velocities, and a `FlowMatchEulerDiscreteScheduler`.
+    """
+
+    denoiser_name = "transformer"
+
+    @property
+    def patch_size(self) -> int:
+        return self.denoiser.config.patch_size
+
+    def effective_max_sequence_length(self, max_sequence_length: Optional[int]) -> int:
+        """The T5 length: the requested one (default 256, the pipeline's), capped at the T5 tokenizer's maximum."""
+        length = 256 if max_sequence_length is None else max_sequence_length
+        tokenizer = self.pipeline.tokenizer_3
+        if tokenizer is not None and tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
+            length = min(length, tokenizer.model_max_length)
+        return length
+
+    def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.effective_max_sequence_length(max_sequence_length),
+        )
+        return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+    def _forward(self, denoiser, latents, timestep, cond):
+        return denoiser(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype),
+            pooled_projections=cond["pooled_projections"].to(self.dtype),
+            return_dict=False,
+        )[0]
+
+    def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        scheduler = self.scheduler
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            factor = self.vae_scale_factor * self.patch_size
+            kwargs["mu"] = calculate_shift(
+                (height // factor) * (width // factor),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
+        return scheduler.timesteps
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

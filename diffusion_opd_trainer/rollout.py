@@ -1,0 +1,142 @@
+"""Sampling denoising trajectories from a diffusers pipeline, with the SDE or ODE kernel of `sde.py`."""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .models import DiffusionAdapter, PromptEmbeddings, get_adapter
+from .sde import sde_step
+
+
+__all__ = ["Trajectory", "rollout"]
+
+
+@dataclass
+class Trajectory:
+    """
+    A batch of denoising trajectories x_0 (noise) -> x_N (clean latents).
+
+    Args:
+        latents (`torch.Tensor` of shape `(B, N + 1, C, H, W)`): every state, float32.
+        log_probs (`torch.Tensor` of shape `(B, N)`, or `None`):
+            log pi(x_{j+1} | x_j) of each sampled transition (mean over latent dims); `None` for the ODE.
+        timesteps (`torch.Tensor` of shape `(N,)`): the scheduler's timesteps, shared by the batch.
+        prompt_embeds ([`~models.PromptEmbeddings`]): the conditioning the trajectories were sampled with.
+        noise_level (`float`): the kernel's noise level (0 for the ODE).
+        guidance_scale (`float`): the CFG scale of the sampler.
+        images (`torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`, *optional*): decoded final latents, on request.
+    """
+
+    latents: torch.Tensor
+    log_probs: Optional[torch.Tensor]
+    timesteps: torch.Tensor
+    prompt_embeds: PromptEmbeddings
+    noise_level: float
+    guidance_scale: float
+    images: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    def __getitem__(self, index) -> "Trajectory":
+        """The sub-batch `index` (an int, slice, list or index tensor)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if isinstance(index, list):
+            index = torch.as_tensor(index, dtype=torch.long)
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.latents.device)
+        return Trajectory(
+            latents=self.latents[index],
+            log_probs=None if self.log_probs is None else self.log_probs[index],
+            timesteps=self.timesteps,
+            prompt_embeds=self.prompt_embeds[index.cpu() if isinstance(index, torch.Tensor) else index],
+            noise_level=self.noise_level,
+            guidance_scale=self.guidance_scale,
+            images=None if self.images is None else self.images[index],
+        )
+
+
+@torch.no_grad()
+def rollout(
+    pipeline,
+    prompts: Optional[list[str]] = None,
+    *,
+    prompt_embeds: Optional[PromptEmbeddings] = None,
+    num_inference_steps: int = 10,
+    guidance_scale: float = 4.5,
+    noise_level: float = 0.7,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+    latents: Optional[torch.Tensor] = None,
+    negative_prompt: str = "",
+    max_sequence_length: Optional[int] = None,
+    decode: bool = False,
+    denoiser: Optional[torch.nn.Module] = None,
+) -> Trajectory:
+    """
+    Samples a batch of trajectories, keeping every state and each transition's log-probability.
+
+    With `noise_level=0` and the same initial noise, the final latents are those of the pipeline's own `__call__`
+    (`output_type="latent"`).
+
+    Args:
+        pipeline (`DiffusionPipeline` or [`~models.DiffusionAdapter`]): the model to sample.
+        prompts (`list[str]`, *optional*): the prompts (one trajectory each); or pass `prompt_embeds`.
+        prompt_embeds ([`~models.PromptEmbeddings`], *optional*): precomputed conditioning, reused as is.
+        num_inference_steps (`int`, defaults to 10): denoising steps N.
+        guidance_scale (`float`, defaults to 4.5): classifier-free guidance scale (1 disables CFG).
+        noise_level (`float`, defaults to 0.7): the SDE noise level (DDIM's eta); 0 samples the ODE.
+        height (`int`, *optional*), width (`int`, *optional*): image size; the pipeline's default when omitted.
+        generator (`torch.Generator` or list, *optional*): for the initial noise and the transition noise.
+        latents (`torch.Tensor`, *optional*): initial noise x_0, instead of drawing it.
+        negative_prompt (`str`, defaults to `""`): CFG's negative prompt.
+        max_sequence_length (`int`, *optional*): T5 length for SD3 (default 256, capped by the tokenizer).
+        decode (`bool`, defaults to `False`): also decode the final latents into images.
+        denoiser (`torch.nn.Module`, *optional*): the module to call instead of the pipeline's own (e.g. DDP-wrapped).
+
+    Returns:
+        [`Trajectory`]
+    """
+    adapter: DiffusionAdapter = get_adapter(pipeline)
+    if prompt_embeds is None:
+        if prompts is None:
+            raise ValueError("Pass `prompts` or `prompt_embeds`.")
+        prompt_embeds = adapter.encode_prompts(
+            prompts,
+            negative_prompt=negative_prompt if guidance_scale != 1.0 else None,
+            max_sequence_length=max_sequence_length,
+        )
+    batch_size = len(prompt_embeds)
+    height = height or adapter.default_resolution
+    width = width or adapter.default_resolution
+    if latents is None:
+        latents = adapter.prepare_latents(batch_size, height, width, generator)
+    x = latents.to(device=adapter.device, dtype=torch.float32)
+    timesteps = adapter.set_timesteps(num_inference_steps, height, width)
+
+    states, log_probs = [x], []
+    for t in timesteps:
+        model_output = adapter.predict(x, t, prompt_embeds, guidance_scale, denoiser=denoiser)
+        step = sde_step(adapter.scheduler, model_output, t, x, noise_level=noise_level, generator=generator)
+        x = step.prev_sample
+        states.append(x)
+        if step.log_prob is not None:
+            log_probs.append(step.log_prob)
+    trajectory = Trajectory(
+        latents=torch.stack(states, dim=1),
+        log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
+        timesteps=timesteps.clone(),
+        prompt_embeds=prompt_embeds,
+        noise_level=noise_level,
+        guidance_scale=guidance_scale,
+    )
+    if decode:
+        trajectory.images = adapter.decode(x)
+    return trajectory

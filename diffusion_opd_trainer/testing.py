@@ -1,0 +1,310 @@
+"""Tiny offline pipelines for tests, demos and benchmarks.
+
+Everything here is built from configs with random (seeded) weights and deterministic, locally made word-level
+tokenizers: nothing is downloaded, and each pipeline builds in well under a second. The pipelines are the real
+diffusers classes (`StableDiffusion3Pipeline`, `StableDiffusionPipeline`), so every code path that serves SD3.5 or
+SD 1.5 runs on them unchanged.
+"""
+
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+
+__all__ = [
+    "DEFAULT_WORDS",
+    "SD3_LORA_TARGET_MODULES",
+    "build_clip_tokenizer",
+    "build_t5_tokenizer",
+    "tiny_sd3_pipeline",
+    "tiny_sd_pipeline",
+]
+
+# The attention projections of SD3's joint transformer blocks: the paper's LoRA targets.
+SD3_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+# Words of the tests' and demos' prompts; any other word still tokenizes, character by character.
+DEFAULT_WORDS = (
+    "a an the of and on in with to left right above below next photo image picture "
+    "one two three four five six red green blue yellow purple orange white black "
+    "circle circles square squares triangle triangles cat dog car apple text saying sign"
+).split()
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _unique(words: Iterable[str]) -> list[str]:
+    seen, out = set(), []
+    for word in words:
+        word = word.lower()
+        if word and word not in seen:
+            seen.add(word)
+            out.append(word)
+    return out
+
+
+def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 16) -> CLIPTokenizer:
+    """
+    A deterministic CLIP BPE tokenizer whose merges spell out each of `words` as one token.
+
+    `tokenizers`' BPE trainer is not deterministic, so the vocabulary and merges are written out here: every character
+    (alone and word-final), every prefix of every word, and the merges that build each word left to right. A word
+    outside `words` falls back to its characters.
+
+    Args:
+        words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the whole words of the vocabulary (lower case).
+        model_max_length (`int`, defaults to 16): the padded length of the CLIP text sequence.
+    """
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        add(special)
+    for char in _ALPHABET + ".,!?'\"-":
+        add(char)
+        add(char + "</w>")
+    # BPE applies the best-ranked merge anywhere in a word. To spell each word out whole, every merge that extends a
+    # word's prefix (left side of two or more characters) outranks every merge of two single characters, and the
+    # single-character merges are ordered so that each word's first merge outranks any pair met later in that word.
+    spelled = [list(word[:-1]) + [word[-1] + "</w>"] for word in _unique(words) if len(word) > 1]
+    first_merges = list(dict.fromkeys((pieces[0], pieces[1]) for pieces in spelled))
+    must_follow: dict[tuple[str, str], set] = {merge: set() for merge in first_merges}
+    for pieces in spelled:
+        first = (pieces[0], pieces[1])
+        for pair in zip(pieces[1:], pieces[2:]):
+            if pair in must_follow and pair != first:
+                must_follow[pair].add(first)
+    ordered: list[tuple[str, str]] = []
+    pending = list(first_merges)
+    while pending:
+        ready = [merge for merge in pending if not (must_follow[merge] - set(ordered))]
+        ordered.extend(ready or pending[:1])  # a cycle (rare) only costs that word a split into pieces
+        pending = [merge for merge in pending if merge not in ordered]
+    prefix_merges = []
+    for pieces in spelled:
+        current = pieces[0] + pieces[1]
+        add(current)
+        for piece in pieces[2:]:
+            prefix_merges.append((current, piece))
+            current += piece
+            add(current)
+    merges = list(dict.fromkeys(prefix_merges)) + ordered
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 16) -> T5Tokenizer:
+    """
+    A deterministic T5 (Unigram) tokenizer with one piece per word of `words` and a character fallback.
+
+    Args:
+        words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the whole words of the vocabulary (lower case).
+        model_max_length (`int`, defaults to 16): the longest T5 sequence; pipelines built here cap their
+            `max_sequence_length` to it.
+    """
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    # Whole words score far better than their spelling, so the Viterbi segmentation picks them.
+    vocab += [("\u2581" + word, -1.0) for word in _unique(words)]
+    vocab += [(char, -10.0) for char in _ALPHABET + ".,!?'\"-"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_text_config(vocab_size: int, hidden_size: int, projection_dim: int, max_positions: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=max_positions,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def _tiny_vae(latent_channels: int, sample_size: int, **kwargs) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        **kwargs,
+    )
+
+
+def _to_eval(pipe) -> None:
+    # Modules built from configs start in training mode (dropout on); `from_pretrained` would return them in eval.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+
+
+def tiny_sd3_pipeline(
+    seed: int = 0,
+    resolution: int = 32,
+    num_layers: int = 2,
+    words: Iterable[str] = DEFAULT_WORDS,
+    text_max_length: int = 8,
+    dtype: torch.dtype = torch.float32,
+    shift: float = 3.0,
+) -> StableDiffusion3Pipeline:
+    """
+    A tiny, random `StableDiffusion3Pipeline` (two CLIP encoders, a T5 encoder, an SD3 transformer and a VAE).
+
+    Args:
+        seed (`int`, defaults to 0): seeds the random weights; the same seed gives the same pipeline.
+        resolution (`int`, defaults to 32): the image size in pixels (latents are `resolution // 2` wide).
+        num_layers (`int`, defaults to 2): transformer blocks.
+        words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the tokenizers' whole-word vocabulary.
+        text_max_length (`int`, defaults to 8): CLIP and T5 sequence length (text tokens dominate compute at this size).
+        dtype (`torch.dtype`, defaults to `torch.float32`): the dtype of every module.
+        shift (`float`, defaults to 3.0): the flow-matching scheduler's shift (SD3.5's value).
+    """
+    words = list(words)
+    clip_tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
+    clip_tokenizer_2 = build_clip_tokenizer(words, model_max_length=text_max_length)
+    t5_tokenizer = build_t5_tokenizer(words, model_max_length=text_max_length)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        clip_config = _clip_text_config(len(clip_tokenizer), 16, 16, text_max_length)
+        text_encoder = CLIPTextModelWithProjection(clip_config)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+        t5_config = T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        text_encoder_3 = T5EncoderModel(t5_config)
+        transformer = SD3Transformer2DModel(
+            sample_size=resolution // 2,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=num_layers,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,  # the T5 width; the CLIP features (2 x 16) are zero-padded to it
+            caption_projection_dim=32,
+            pooled_projection_dim=32,  # the two CLIP projections concatenated
+            pos_embed_max_size=resolution // 2,
+            qk_norm="rms_norm",
+        )
+        vae = _tiny_vae(4, resolution, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+    _to_eval(pipe)
+    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+
+
+def tiny_sd_pipeline(
+    seed: int = 0,
+    resolution: int = 32,
+    words: Iterable[str] = DEFAULT_WORDS,
+    text_max_length: int = 8,
+    prediction_type: str = "epsilon",
+    dtype: Optional[torch.dtype] = torch.float32,
+) -> StableDiffusionPipeline:
+    """
+    A tiny, random SD 1.5-style `StableDiffusionPipeline` (CLIP text encoder, UNet, VAE) with a `DDIMScheduler`.
+
+    Args:
+        seed (`int`, defaults to 0): seeds the random weights.
+        resolution (`int`, defaults to 32): the image size in pixels.
+        words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the tokenizer's whole-word vocabulary.
+        text_max_length (`int`, defaults to 8): the CLIP sequence length.
+        prediction_type (`str`, defaults to `"epsilon"`): the scheduler's and UNet's parametrisation.
+        dtype (`torch.dtype`, defaults to `torch.float32`): the dtype of every module.
+    """
+    tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer), 16, 16, text_max_length))
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        )
+        vae = _tiny_vae(4, resolution)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _to_eval(pipe)
+    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
