@@ -149,7 +149,7 @@ def _flow_match_step(scheduler, model_output, timestep, sample, noise_level, pre
     x = sample.float()
     v = model_output.float()
     if noise_level == 0:
-        # Exactly the scheduler's Euler step (`FlowMatchEulerDiscreteScheduler.step`, before its cast to the model dtype).
+        # Exactly `FlowMatchEulerDiscreteScheduler.step` (before its cast to the model dtype).
         return _finish(x + dt * v, None, prev_sample, generator, dt=dt)
 
     # Flow-GRPO's first-step rule: at t = 1 the denominator 1 - t would vanish, so it takes 1 - t_1 instead, t_1 being

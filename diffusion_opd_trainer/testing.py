@@ -187,7 +187,7 @@ def tiny_sd3_pipeline(
         resolution (`int`, defaults to 32): the image size in pixels (latents are `resolution // 2` wide).
         num_layers (`int`, defaults to 2): transformer blocks.
         words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the tokenizers' whole-word vocabulary.
-        text_max_length (`int`, defaults to 8): CLIP and T5 sequence length (text tokens dominate compute at this size).
+        text_max_length (`int`, defaults to 8): CLIP and T5 length (text tokens dominate compute here).
         dtype (`torch.dtype`, defaults to `torch.float32`): the dtype of every module.
         shift (`float`, defaults to 3.0): the flow-matching scheduler's shift (SD3.5's value).
     """
@@ -228,8 +228,9 @@ def tiny_sd3_pipeline(
             pos_embed_max_size=resolution // 2,
             qk_norm="rms_norm",
         )
-        vae = _tiny_vae(4, resolution, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
-                        use_post_quant_conv=False)
+        vae = _tiny_vae(
+            4, resolution, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
+        )
     finally:
         torch.random.set_rng_state(generator_state)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)

@@ -23,8 +23,9 @@ class SDAdapter(DiffusionAdapter):
 
     def _forward(self, denoiser, latents, timestep, cond):
         latents = self.scheduler.scale_model_input(latents, timestep[0])
-        return denoiser(latents, timestep, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype),
-                        return_dict=False)[0]
+        return denoiser(
+            latents, timestep, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype), return_dict=False
+        )[0]
 
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)

@@ -9,7 +9,8 @@ from .base import DiffusionAdapter
 
 class SD3Adapter(DiffusionAdapter):
     """
-    [`DiffusionAdapter`] for `StableDiffusion3Pipeline`: three text encoders (two CLIP, one T5), an `SD3Transformer2DModel`
+    [`DiffusionAdapter`] for `StableDiffusion3Pipeline`: three text encoders (two CLIP, one T5), an
+    `SD3Transformer2DModel`
     predicting velocities, and a `FlowMatchEulerDiscreteScheduler`.
     """
 
