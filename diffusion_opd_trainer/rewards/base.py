@@ -167,7 +167,7 @@ class RewardModel:
 
     @torch.no_grad()
     def map_batches(self, function, prompts: list[str], images: torch.Tensor, **columns) -> list[Optional[float]]:
-        """Loads the models if needed and applies `function(prompts, images, **columns)` `batch_size` images at a time."""
+        """Loads the models if needed; applies `function(prompts, images, **columns)` `batch_size` images at a time."""
         prompts = list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"Got {len(prompts)} prompts for {len(images)} images.")

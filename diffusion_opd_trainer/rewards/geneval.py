@@ -71,7 +71,11 @@ _COCO_ALIASES = {
     "aeroplane": "airplane",
 }
 # The colour classifier's prompt templates (GenEval's three), averaged per colour.
-COLOR_TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}", "a photo of a {color} object")
+COLOR_TEMPLATES = (
+    "a photo of a {color} {object}",
+    "a photo of a {color}-colored {object}",
+    "a photo of a {color} object",
+)
 
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float], margin: float = 0.1) -> set[str]:
@@ -281,7 +285,10 @@ class GenEvalReward(RewardModel):
         **kwargs,
     ):
         super().__init__(batch_size=batch_size, **kwargs)
-        for source, processor, what in ((detector, detector_processor, "detector"), (clip_model, clip_processor, "clip")):
+        for source, processor, what in (
+            (detector, detector_processor, "detector"),
+            (clip_model, clip_processor, "clip"),
+        ):
             if processor is None and not isinstance(source, (str, os.PathLike)):
                 raise ValueError(f"Pass the {what} processor along with a loaded {what} model.")
         self.detector_source = detector
@@ -369,13 +376,17 @@ class GenEvalReward(RewardModel):
                 if len(rows)
                 else [0.0, 0.0, 0.0, 0.0]
             )
-            instances.append({"label": self.class_names[label], "score": score, "box": box, "mask": mask.cpu().numpy()})
+            instances.append(
+                {"label": self.class_names[label], "score": score, "box": box, "mask": mask.cpu().numpy()}
+            )
         return instances
 
     # ----------------------------------------------------------------------------------------------- colours
     def _color_classifier(self, class_name: str) -> torch.Tensor:
         if class_name not in self._color_classifiers:
-            texts = [template.format(color=color, object=class_name) for color in COLORS for template in COLOR_TEMPLATES]
+            texts = [
+                template.format(color=color, object=class_name) for color in COLORS for template in COLOR_TEMPLATES
+            ]
             tokens = self.clip_processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
             embeds = clip_text_embeds(
                 self.clip_model, tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
@@ -401,7 +412,9 @@ class GenEvalReward(RewardModel):
         return [COLORS[index] for index in (embeds @ self._color_classifier(class_name).T).argmax(-1).tolist()]
 
     # ----------------------------------------------------------------------------------------------- scoring
-    def evaluate_images(self, images, metadata: Sequence[Union[str, dict, None]]) -> list[Optional[tuple[bool, float]]]:
+    def evaluate_images(
+        self, images, metadata: Sequence[Union[str, dict, None]]
+    ) -> list[Optional[tuple[bool, float]]]:
         """`(correct, reward)` per image (`None` where its metadata is `None`), detections and colours included."""
         pil_images = to_pil_images(images)
         detections = self.detect(pil_images)
@@ -412,7 +425,11 @@ class GenEvalReward(RewardModel):
                 continue
             meta = _parse_metadata(meta)
             objects = select_objects(
-                meta, image_detections, self.rules["threshold"], self.rules["counting_threshold"], self.rules["max_objects"]
+                meta,
+                image_detections,
+                self.rules["threshold"],
+                self.rules["counting_threshold"],
+                self.rules["max_objects"],
             )
             # Only the objects a colour clause looks at (its `count` best) are classified, as in GenEval.
             for clause in meta.get("include", []):

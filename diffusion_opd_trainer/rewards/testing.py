@@ -22,10 +22,10 @@ from transformers import (
     SwinConfig,
     TrOCRConfig,
     TrOCRProcessor,
-    ViTConfig,
-    ViTImageProcessorPil,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessorPil,
 )
 
 from ..testing import DEFAULT_WORDS, build_clip_tokenizer
@@ -170,7 +170,12 @@ def tiny_trocr(seed: int = 0, image_size: int = 32) -> tuple[VisionEncoderDecode
     """
     tokenizer = build_byte_level_tokenizer()
     encoder = ViTConfig(
-        image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
     )
     decoder = TrOCRConfig(
         vocab_size=len(tokenizer),
