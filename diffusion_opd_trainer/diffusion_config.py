@@ -1,0 +1,141 @@
+"""Fields shared by the GRPO and OPD configs: sampling, kernel, trained timesteps, EMA."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from .sde import KL_SCALINGS
+
+
+@dataclass
+class DiffusionTrainingConfig(TrainingArguments):
+    r"""
+    Base configuration of the diffusion trainers: a `TrainingArguments` plus the sampler, the transition kernel and
+    which timesteps train. Use [`DiffusionGRPOConfig`] or [`DiffusionOPDConfig`].
+
+    Parameters:
+        > Sampling (rollouts)
+
+        resolution (`int`, *optional*):
+            Square image size in pixels. Defaults to the pipeline's native size. Overridden by `height`/`width`.
+        height (`int`, *optional*), width (`int`, *optional*):
+            Image height and width in pixels, for non-square images.
+        num_inference_steps (`int`, *optional*, defaults to `10`):
+            Denoising steps of a training rollout.
+        eval_num_inference_steps (`int`, *optional*, defaults to `40`):
+            Denoising steps of the deterministic (ODE) sampler used by `evaluate`.
+        guidance_scale (`float`, *optional*, defaults to `4.5`):
+            Classifier-free guidance scale of the policy (the student) during rollouts and training; 1 disables CFG.
+        eval_guidance_scale (`float`, *optional*):
+            CFG scale for evaluation. Defaults to `guidance_scale`.
+        negative_prompt (`str`, *optional*, defaults to `""`):
+            The negative prompt of classifier-free guidance.
+        max_sequence_length (`int`, *optional*):
+            T5 sequence length for SD3-family pipelines. Defaults to 256 (the pipeline's), capped at the tokenizer's
+            maximum.
+
+        > Kernel and trained timesteps
+
+        noise_level (`float`):
+            Noise level `a` of the flow SDE (DDIM's `eta` for DDIM schedulers): `sigma_t = a * sqrt(t / (1 - t))`.
+            0 gives the deterministic (ODE) sampler.
+        kl_scaling (`str`):
+            `"exact"`: the step KL `||mu - mu'||^2 / (2 s^2)` with `s = sigma_t * sqrt(|dt|)` the transition std.
+            `"sigma"`: divide by `2 sigma_t^2` instead (`= exact KL * |dt|`), the convention of Flow-GRPO and the public
+            DiffusionOPD code, whose `beta` and learning rates are tuned to it.
+        timestep_fraction (`float`, *optional*, defaults to `0.99`):
+            Train on the first `int(timestep_fraction * num_inference_steps)` steps of each rollout (at least one).
+            The default trains on all but the last step: that step ends at sigma = 0 with a tiny std, so its exact KL
+            weight dwarfs the others and its log-prob is numerically fragile.
+        train_timestep_indices (`list[int]`, *optional*):
+            Explicit step indices (0 = the first, noisiest step) to train on; overrides `timestep_fraction`.
+        eval_seed (`int`, *optional*, defaults to `0`):
+            Seed of the initial noise in `evaluate`, so evaluations are comparable across checkpoints.
+
+        > EMA of the LoRA weights
+
+        ema (`bool`, *optional*, defaults to `False`):
+            Keep an exponential moving average of the trained LoRA weights; evaluation and `save_model` then use it.
+        ema_decay (`float`, *optional*, defaults to `0.9`):
+            EMA decay per update.
+        ema_update_interval (`int`, *optional*, defaults to `8`):
+            Optimizer steps between EMA updates (the paper: decay 0.9 every 8 steps).
+
+        > Logging
+
+        log_images_steps (`int`, *optional*, defaults to `0`):
+            Every this many optimizer steps, log the rollout's images to TensorBoard (when `report_to` includes
+            it); 0 disables.
+    """
+
+    # Overridden TrainingArguments defaults (the paper's recipe).
+    learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    remove_unused_columns: Optional[bool] = field(
+        default=False,
+        metadata={"help": "Keep every dataset column: `task` and metadata columns reach the trainer and the rewards."},
+    )
+
+    resolution: Optional[int] = field(default=None, metadata={"help": "Square image size; pipeline default if unset."})
+    height: Optional[int] = field(default=None, metadata={"help": "Image height in pixels (overrides resolution)."})
+    width: Optional[int] = field(default=None, metadata={"help": "Image width in pixels (overrides resolution)."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps of a training rollout."})
+    eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE steps used by `evaluate`."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale of the policy; 1 disables CFG."})
+    eval_guidance_scale: Optional[float] = field(default=None, metadata={"help": "CFG scale for evaluation."})
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for classifier-free guidance."})
+    max_sequence_length: Optional[int] = field(default=None, metadata={"help": "T5 sequence length (SD3 family)."})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (DDIM eta); 0 = ODE."})
+    kl_scaling: str = field(default="exact", metadata={"help": "'exact' step KL, or 'sigma' (= exact KL * |dt|)."})
+    timestep_fraction: float = field(default=0.99, metadata={"help": "Train on int(fraction * steps) first steps."})
+    train_timestep_indices: Optional[list[int]] = field(
+        default=None, metadata={"help": "Explicit step indices to train on (overrides timestep_fraction)."}
+    )
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation noise."})
+    ema: bool = field(default=False, metadata={"help": "Keep an EMA of the LoRA weights for evaluation and saving."})
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per update."})
+    ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    log_images_steps: int = field(default=0, metadata={"help": "Log rollout images to TensorBoard every N steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(f"`resolution` must be positive, got {self.resolution}.")
+        if (self.height is None) != (self.width is None):
+            raise ValueError("Set both `height` and `width`, or neither (and `resolution` for a square image).")
+        if self.num_inference_steps < 1 or self.eval_num_inference_steps < 1:
+            raise ValueError("`num_inference_steps` and `eval_num_inference_steps` must be at least 1.")
+        if self.noise_level < 0:
+            raise ValueError(f"`noise_level` must be >= 0, got {self.noise_level}.")
+        if self.kl_scaling not in KL_SCALINGS:
+            raise ValueError(f"`kl_scaling` must be one of {KL_SCALINGS}, got {self.kl_scaling!r}.")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}.")
+        if self.train_timestep_indices is not None:
+            bad = [i for i in self.train_timestep_indices if not 0 <= i < self.num_inference_steps]
+            if bad or not self.train_timestep_indices:
+                raise ValueError(
+                    f"`train_timestep_indices` must be a non-empty list of step indices in [0, "
+                    f"{self.num_inference_steps}), got {self.train_timestep_indices}."
+                )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
+        if self.ema_update_interval < 1:
+            raise ValueError(f"`ema_update_interval` must be >= 1, got {self.ema_update_interval}.")
+
+    @property
+    def trained_step_indices(self) -> list[int]:
+        """The rollout steps that train, in order."""
+        if self.train_timestep_indices is not None:
+            return sorted(set(self.train_timestep_indices))
+        return list(range(max(1, int(self.timestep_fraction * self.num_inference_steps))))
+
+    def image_size(self, default: int) -> tuple[int, int]:
+        """`(height, width)` of rollouts, given the pipeline's default size."""
+        if self.height is not None:
+            return self.height, self.width
+        size = self.resolution or default
+        return size, size

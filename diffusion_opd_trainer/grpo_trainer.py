@@ -1,0 +1,236 @@
+"""GRPO for diffusion pipelines (Flow-GRPO, arXiv 2505.05470) as a `transformers.Trainer`."""
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl.trainer.utils import nanstd
+
+from .grpo_config import DiffusionGRPOConfig
+from .lora import active_adapter
+from .models import PromptEmbeddings
+from .rollout import rollout
+from .sampling import RolloutBuffer, RolloutSampler
+from .scoring import RewardFuncs, RewardSet
+from .sde import scale_kl, sde_step, step_kl
+from .trainer_base import DiffusionTrainerBase
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _ScoredRollout:
+    """One process's share of a scored rollout: what the policy update needs."""
+
+    latents: torch.Tensor  # [B, N + 1, C, H, W]
+    log_probs: torch.Tensor  # [B, N]
+    timesteps: torch.Tensor  # [N]
+    prompt_embeds: PromptEmbeddings
+    advantages: torch.Tensor  # [B]
+
+
+class DiffusionGRPOTrainer(DiffusionTrainerBase):
+    """
+    Trainer for Group Relative Policy Optimization on a diffusion pipeline, with Flow-GRPO's SDE sampler.
+
+    Each step: sample `num_generations` images per prompt with the SDE kernel (no grad), score them, form group
+    advantages `A = (r - mean_group(r)) / (std + 1e-4)` (clipped to `adv_clip_max`), then for every trained timestep
+    recompute the log-probability of the stored transition under the current policy and minimise the clipped
+    surrogate `max(-A * ratio, -A * clip(ratio, 1 - epsilon, 1 + epsilon))` plus `beta` times the KL to the base
+    model (the same denoiser with its LoRA disabled), one backward per timestep.
+
+    Args:
+        model (`DiffusionPipeline` or `str`):
+            The pipeline (`StableDiffusion3Pipeline` or `StableDiffusionPipeline`), or a model id/path loaded with
+            `DiffusionPipeline.from_pretrained`.
+        reward_funcs (callable, registry name, list of them, or `dict[str, callable or name]`):
+            Reward functions `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **columns) -> list[float]`.
+            A list is summed with `args.reward_weights` (joint multi-reward RL); a dict maps each task of the
+            dataset's `task` column to its own reward (multi-task RL: each prompt scored by its task's reward).
+        args ([`DiffusionGRPOConfig`], *optional*):
+            Configuration; defaults to `DiffusionGRPOConfig("<pipeline name>-GRPO")`.
+        train_dataset (`datasets.Dataset`):
+            Prompts in a `prompt` column; other columns reach the reward functions as keyword arguments.
+        eval_dataset (`datasets.Dataset`, *optional*):
+            Prompts for `evaluate` (deterministic ODE samples, scored with the same rewards).
+        peft_config (`peft.LoraConfig`, *optional*):
+            The LoRA to train. Defaults to rank 32, alpha 64, gaussian init on the attention projections.
+        callbacks (`list[TrainerCallback]`, *optional*), optimizers (`tuple`, *optional*):
+            As for `transformers.Trainer`.
+    """
+
+    _tag_names = ["grpo", "flow-grpo", "reinforcement-learning"]
+    _method_name = "GRPO on flow matching (Flow-GRPO, arXiv 2505.05470)"
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike, DiffusionPipeline],
+        reward_funcs: RewardFuncs,
+        args: Optional[DiffusionGRPOConfig] = None,
+        train_dataset=None,
+        eval_dataset=None,
+        peft_config: Optional[LoraConfig] = None,
+        callbacks: Optional[list[TrainerCallback]] = None,
+        optimizers: tuple = (None, None),
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = DiffusionGRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
+        if not isinstance(args, DiffusionGRPOConfig):
+            raise TypeError(f"`args` must be a DiffusionGRPOConfig, got {type(args).__name__}.")
+        self.reward_set = RewardSet(reward_funcs, args.reward_weights)
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if self.reward_set.routed and dataset is not None:
+                if "task" not in dataset.column_names:
+                    raise ValueError(f"Per-task rewards need a `task` column in `{name}`.")
+                self.reward_set.check_tasks(set(dataset["task"]), f"`{name}`")
+        super().__init__(model, args, train_dataset, eval_dataset, peft_config, callbacks, optimizers)
+        self._buffer = RolloutBuffer(args.gradient_accumulation_steps, args.num_iterations)
+
+    # ----- data ------------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None) -> RolloutSampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        args = self.args
+        return RolloutSampler(
+            len(dataset),
+            micro_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes,
+            group_size=args.num_generations,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            num_iterations=args.num_iterations,
+            seed=args.seed,
+        )
+
+    def _eval_reward_set(self) -> RewardSet:
+        return self.reward_set
+
+    # ----- rollout and advantages ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_and_score(self, inputs: list[dict[str, Any]]) -> _ScoredRollout:
+        args = self.args
+        prompts, columns = self._split_batch(inputs)
+        start = time.perf_counter()
+        embeds = self.encode(prompts)
+        height, width = self.image_size
+        trajectory = rollout(
+            self.adapter,
+            prompt_embeds=embeds,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            noise_level=args.noise_level,
+            height=height,
+            width=width,
+            generator=self.rollout_generator,
+            decode=True,
+        )
+        rollout_time = time.perf_counter() - start
+        local_rewards = self.reward_set(prompts, trajectory.images, columns)
+        reward_time = time.perf_counter() - start - rollout_time
+
+        # A group may span processes: normalise over the gathered global batch, then keep this process's slice.
+        rewards = self.accelerator.gather(local_rewards.to(self.accelerator.device)).cpu()
+        total = self.reward_set.total(rewards)
+        advantages, group_std = self._advantages(total)
+        rank, size = self.accelerator.process_index, len(prompts)
+        local_advantages = advantages[rank * size : (rank + 1) * size]
+
+        self._record(
+            "train",
+            reward=torch.nanmean(total).item(),
+            reward_std=torch.nanmean(group_std).item(),
+            frac_reward_zero_std=(group_std < 1e-6).float().mean().item(),
+            **self.reward_set.metrics(rewards),
+            **{"timing/rollout": rollout_time, "timing/reward": reward_time},
+        )
+        self._maybe_log_images(trajectory.images, prompts)
+        return _ScoredRollout(
+            latents=trajectory.latents,
+            log_probs=trajectory.log_probs,
+            timesteps=trajectory.timesteps,
+            prompt_embeds=embeds,
+            advantages=local_advantages.to(self.accelerator.device),
+        )
+
+    def _advantages(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group-relative advantages of the global batch (consecutive `num_generations` rows form a group)."""
+        args = self.args
+        grouped = total.view(-1, args.num_generations)
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        group_std = nanstd(grouped, dim=1)
+        centred = grouped - mean
+        if args.scale_rewards == "batch":
+            centred = centred / (nanstd(total) + 1e-4)
+        elif args.scale_rewards == "group":
+            centred = centred / (group_std.unsqueeze(1) + 1e-4)
+        # An image no reward scored contributes no gradient.
+        advantages = torch.nan_to_num(centred.flatten(), nan=0.0)
+        return advantages.clamp(-args.adv_clip_max, args.adv_clip_max), group_std
+
+    # ----- policy update ---------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        start = time.perf_counter()
+        model.train()
+        batch, _ = self._buffer.get(lambda: self._generate_and_score(inputs), self.state.global_step)
+        train_start = time.perf_counter()
+        loss = self._policy_update(model, batch)
+        self._record("train", **{"timing/train": time.perf_counter() - train_start})
+        self._record("train", step_time=time.perf_counter() - start)
+        return loss
+
+    def _policy_update(self, model, batch: _ScoredRollout) -> torch.Tensor:
+        args = self.args
+        steps = args.trained_step_indices
+        scale = 1.0 / (len(steps) * self.current_gradient_accumulation_steps)
+        scheduler = self.adapter.scheduler
+        advantages = batch.advantages
+        total_loss = torch.zeros((), device=self.accelerator.device)
+        stats = {"policy_loss": [], "kl": [], "clip_ratio": [], "ratio": []}
+        for k, j in enumerate(steps):
+            x, x_next, t = batch.latents[:, j], batch.latents[:, j + 1], batch.timesteps[j]
+            reference_mean = None
+            if args.beta > 0:
+                with torch.no_grad(), active_adapter(self.unwrapped_denoiser, None):
+                    v_ref = self.adapter.predict(x, t, batch.prompt_embeds, args.guidance_scale)
+                    reference_mean = sde_step(
+                        scheduler, v_ref, t, x, noise_level=args.noise_level, prev_sample=x_next
+                    ).mean
+            # Under DDP only the last backward of the step synchronises gradients.
+            sync = k == len(steps) - 1
+            with self.accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                with self.compute_loss_context_manager():
+                    v = self.adapter.predict(x, t, batch.prompt_embeds, args.guidance_scale, denoiser=model)
+                step = sde_step(scheduler, v, t, x, noise_level=args.noise_level, prev_sample=x_next)
+                ratio = torch.exp(step.log_prob - batch.log_probs[:, j])
+                unclipped = -advantages * ratio
+                clipped = -advantages * torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon)
+                policy_loss = torch.maximum(unclipped, clipped).mean()
+                loss = policy_loss
+                if reference_mean is not None:
+                    kl = scale_kl(step_kl(step.mean, reference_mean, step.std), step, args.kl_scaling).mean()
+                    loss = loss + args.beta * kl
+                    stats["kl"].append(kl.item())
+                self.accelerator.backward(loss * scale)
+            total_loss += loss.detach() * scale
+            stats["policy_loss"].append(policy_loss.item())
+            stats["clip_ratio"].append(((ratio - 1).abs() > args.epsilon).float().mean().item())
+            stats["ratio"].append(ratio.mean().item())
+        self._record("train", **{key: sum(v) / len(v) for key, v in stats.items() if v})
+        return total_loss
+
+    def _model_card_sections(self) -> list[str]:
+        args = self.args
+        return [
+            "## Training",
+            f"Rewards: {', '.join(self.reward_set.names)}"
+            + (" (each prompt scored by its task's reward)" if self.reward_set.routed else "")
+            + f". Group size {args.num_generations}, {args.num_inference_steps} SDE steps at noise level "
+            f"{args.noise_level}, CFG {args.guidance_scale}, beta {args.beta} ({args.kl_scaling} KL scaling), clip "
+            f"range {args.epsilon}, learning rate {args.learning_rate}.",
+        ]

@@ -1,0 +1,273 @@
+"""LoRA adapters on a diffusers denoiser: the student's, frozen teachers', switching between them, reading and writing.
+
+All adapters live on the one denoiser (PEFT layers injected by diffusers' `add_adapter`), so any number of teachers
+costs one base model in memory. PEFT's `set_adapter` marks only the active adapter trainable; every switch here goes
+through [`active_adapter`], which restores both the active adapter and the `requires_grad` flags on exit, even on an
+exception, so a teacher pass never changes what trains.
+"""
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+
+logger = logging.getLogger(__name__)
+
+STUDENT_ADAPTER = "default"
+# diffusers' file name for LoRA weights (`pipe.load_lora_weights(dir)` looks for it) and PEFT's adapter files.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+DEFAULT_TARGET_MODULES = {
+    # The attention projections of SD3's joint blocks (the paper's targets).
+    "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    # The UNet's attention projections (DDPO's targets).
+    "unet": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+
+
+def default_lora_config(denoiser_name: str = "transformer", r: int = 32, lora_alpha: int = 64) -> LoraConfig:
+    """The paper's student/teacher LoRA: rank 32, alpha 64, gaussian init, on the attention projections."""
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(DEFAULT_TARGET_MODULES[denoiser_name]),
+    )
+
+
+def lora_parameters(denoiser: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of one adapter, by name."""
+    suffix = f".{adapter_name}.weight"
+    return {name: p for name, p in denoiser.named_parameters() if "lora_" in name and name.endswith(suffix)}
+
+
+def adapter_checksum(denoiser: torch.nn.Module, adapter_name: str) -> float:
+    """A cheap fingerprint of one adapter's weights (sum of absolute values, in float64)."""
+    return float(sum(p.detach().double().abs().sum() for p in lora_parameters(denoiser, adapter_name).values()))
+
+
+def _tuner_layers(denoiser: torch.nn.Module):
+    return [module for module in denoiser.modules() if isinstance(module, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def active_adapter(denoiser: torch.nn.Module, adapter_name: Optional[str]):
+    """
+    Runs the block with `adapter_name` as the denoiser's only active adapter (`None`: all adapters disabled, i.e. the
+    base model), then restores the previous adapter, the enabled state and every parameter's `requires_grad`.
+
+    Args:
+        denoiser (`torch.nn.Module`): the (unwrapped) denoiser carrying the adapters.
+        adapter_name (`str` or `None`): the adapter to use, or `None` for the base model.
+    """
+    layers = _tuner_layers(denoiser)
+    if not layers:
+        raise ValueError("The denoiser has no LoRA adapter to switch.")
+    previous = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    requires_grad = [(p, p.requires_grad) for name, p in denoiser.named_parameters() if "lora_" in name]
+    try:
+        for layer in layers:
+            if adapter_name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter_name)
+        yield
+    finally:
+        for layer, names, disabled in previous:
+            layer.enable_adapters(not disabled)
+            layer.set_adapter(names)
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+
+
+def add_student_adapter(denoiser: torch.nn.Module, lora_config: LoraConfig) -> list[torch.nn.Parameter]:
+    """
+    Injects the trainable student LoRA (adapter name `"default"`), freezes everything else, returns its parameters.
+    """
+    if STUDENT_ADAPTER in getattr(denoiser, "peft_config", {}):
+        raise ValueError("The denoiser already has a 'default' LoRA adapter; pass a pipeline without a loaded LoRA.")
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(lora_config, adapter_name=STUDENT_ADAPTER)
+    params = lora_parameters(denoiser, STUDENT_ADAPTER)
+    if not params:
+        raise ValueError(
+            f"The LoRA config's target_modules {sorted(lora_config.target_modules)} match no layer of "
+            f"{type(denoiser).__name__}."
+        )
+    set_trainable_adapter(denoiser, STUDENT_ADAPTER)
+    return list(params.values())
+
+
+def set_trainable_adapter(denoiser: torch.nn.Module, adapter_name: str) -> None:
+    """Makes `adapter_name` the active adapter and the only trainable parameters of the denoiser."""
+    for layer in _tuner_layers(denoiser):
+        layer.enable_adapters(True)
+        layer.set_adapter(adapter_name)
+    for name, parameter in denoiser.named_parameters():
+        parameter.requires_grad_("lora_" in name and name.endswith(f".{adapter_name}.weight"))
+
+
+# ----- reading LoRA files ---------------------------------------------------------------------------------------------
+def _normalise_key(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in ("base_model.model.",) + prefixes:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    # diffusers/kohya-style names: lora.down/lora.up and lora_down/lora_up.
+    key = key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+    key = key.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B.")
+    # PEFT state dicts saved with an adapter name in the key ("lora_A.default.weight").
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B") and parts[-1] == "weight":
+        key = ".".join(parts[:-2] + ["weight"])
+    return key
+
+
+def _find_weight_file(folder: Path) -> tuple[Path, str]:
+    """The LoRA weight file of a folder and its format ("peft" or "diffusers")."""
+    if (folder / PEFT_WEIGHT_NAME).is_file():
+        return folder / PEFT_WEIGHT_NAME, "peft"
+    if (folder / LORA_WEIGHT_NAME).is_file():
+        return folder / LORA_WEIGHT_NAME, "diffusers"
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0], "diffusers"
+    if (folder / "adapter_model.bin").is_file() or list(folder.glob("*.bin")):
+        raise ValueError(
+            f"{folder} holds only pickled .bin weights; only safetensors are loaded (pickles can run code). Convert "
+            "them with `safetensors.torch.save_file` first."
+        )
+    raise FileNotFoundError(
+        f"No LoRA weights in {folder}: expected {PEFT_WEIGHT_NAME} (PEFT format) or {LORA_WEIGHT_NAME} (diffusers "
+        f"format), found {[p.name for p in folder.iterdir()]}."
+    )
+
+
+def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer") -> tuple[dict, LoraConfig, str]:
+    """
+    Reads a LoRA from a PEFT folder, a diffusers LoRA folder or a `.safetensors` file.
+
+    Returns the state dict with PEFT's key names relative to the denoiser (`blocks.0.attn.to_q.lora_A.weight`), a
+    `LoraConfig` (from `adapter_config.json`, else the file's diffusers metadata, else rank inferred from the shapes
+    and alpha from stored `.alpha` values or equal to the rank) and the format found.
+
+    Args:
+        path (`str` or `os.PathLike`): a folder or a `.safetensors` file.
+        denoiser_name (`str`, defaults to `"transformer"`): the key prefix diffusers uses for this denoiser.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weight_file, fmt = _find_weight_file(path)
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: only .safetensors LoRA files are loaded (pickled files can run code).")
+        weight_file, fmt = path, "diffusers"
+    else:
+        raise FileNotFoundError(f"LoRA path {path} does not exist.")
+
+    raw = load_file(str(weight_file))
+    with safe_open(str(weight_file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    prefixes = (f"{denoiser_name}.",)
+    alphas = {}
+    state_dict = {}
+    for key, value in raw.items():
+        if key.endswith(".alpha"):
+            alphas[_normalise_key(key[: -len(".alpha")], prefixes)] = float(value)
+            continue
+        state_dict[_normalise_key(key, prefixes)] = value
+    if not state_dict:
+        raise ValueError(f"{weight_file} holds no LoRA weights.")
+
+    config_dict, base_model = None, None
+    config_file = weight_file.parent / PEFT_CONFIG_NAME
+    if fmt == "peft" and config_file.is_file():
+        config_dict = json.loads(config_file.read_text())
+        base_model = config_dict.get("base_model_name_or_path")
+    else:
+        raw_meta = metadata.get(f"{denoiser_name}.lora_adapter_metadata", metadata.get("lora_adapter_metadata"))
+        config_dict = json.loads(raw_meta) if raw_meta else None
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict if ".lora_" in key})
+    if config_dict is not None:
+        allowed = set(LoraConfig.__dataclass_fields__) - {"base_model_name_or_path", "revision"}
+        config = LoraConfig(**{k: v for k, v in config_dict.items() if k in allowed})
+    else:
+        rank = max(value.shape[0] for key, value in state_dict.items() if ".lora_A." in key)
+        alpha = next(iter(alphas.values())) if alphas else rank
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules)
+    config.base_model_name_or_path = base_model
+    # Target exactly the modules the file has weights for: robust to configs with regexes or wider target lists.
+    config.target_modules = modules
+    config.inference_mode = True
+    return state_dict, config, fmt
+
+
+def check_lora_keys(denoiser: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Raises a `ValueError` naming `source` when the LoRA's modules or shapes do not fit the denoiser."""
+    linear_shapes = {
+        name: (module.out_features, module.in_features)
+        for name, module in denoiser.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    # Injected PEFT layers wrap the original Linear as `base_layer`.
+    linear_shapes.update(
+        {name[: -len(".base_layer")]: shape for name, shape in linear_shapes.items() if name.endswith(".base_layer")}
+    )
+    missing, mismatched = [], []
+    for key, value in state_dict.items():
+        module, kind = key.rsplit(".lora_", 1)
+        if module not in linear_shapes:
+            missing.append(module)
+            continue
+        out_features, in_features = linear_shapes[module]
+        if (kind.startswith("A") and value.shape[1] != in_features) or (
+            kind.startswith("B") and value.shape[0] != out_features
+        ):
+            mismatched.append(f"{key} {tuple(value.shape)} vs layer {out_features}x{in_features}")
+    if missing or mismatched:
+        details = []
+        if missing:
+            names = sorted(set(missing))
+            details.append(f"{len(names)} module(s) not in {type(denoiser).__name__}, e.g. {names[:3]}")
+        if mismatched:
+            details.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:2]}")
+        raise ValueError(f"LoRA {source} does not match the pipeline's denoiser: " + "; ".join(details) + ".")
+
+
+def load_adapter(
+    denoiser: torch.nn.Module, state_dict: dict, config: LoraConfig, adapter_name: str, source: str
+) -> None:
+    """Adds a frozen adapter named `adapter_name` to the denoiser and loads `state_dict` into it."""
+    check_lora_keys(denoiser, state_dict, source)
+    trainable = [(p, p.requires_grad) for p in denoiser.parameters()]
+    active = [(layer, list(layer.active_adapters)) for layer in _tuner_layers(denoiser)]
+    denoiser.add_adapter(config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"LoRA {source}: keys not loaded into the denoiser, e.g. {unexpected[:3]}.")
+    # `add_adapter` activates the new adapter and marks it trainable: restore the previous state, keep it frozen.
+    for layer, names in active:
+        layer.set_adapter(names)
+    for parameter, flag in trainable:
+        parameter.requires_grad_(flag)
+    for parameter in lora_parameters(denoiser, adapter_name).values():
+        parameter.requires_grad_(False)
+
+
+def adapter_state_dict(denoiser: torch.nn.Module, adapter_name: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
+    """One adapter's weights with PEFT's key names (no adapter name in the keys), detached, contiguous, on CPU."""
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -1,0 +1,346 @@
+"""What the GRPO and OPD trainers share: the pipeline and its student LoRA, data, saving, resuming, EMA, metrics."""
+
+import contextlib
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from accelerate.utils import gather_object
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from .diffusion_config import DiffusionTrainingConfig
+from .ema import LoRAEMA
+from .hub import save_lora, write_model_card
+from .lora import (
+    PEFT_WEIGHT_NAME,
+    STUDENT_ADAPTER,
+    add_student_adapter,
+    adapter_state_dict,
+    default_lora_config,
+    lora_parameters,
+)
+from .models import DiffusionAdapter, PromptEmbeddings, get_adapter
+from .rollout import rollout
+from .scoring import RewardSet
+
+
+logger = logging.getLogger(__name__)
+
+EMA_STATE_NAME = "ema_state.safetensors"
+ROLLOUT_RNG_NAME = "rollout_rng_state_{}.safetensors"
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+def identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows pass through untouched: prompts and metadata are not tensors."""
+    return features
+
+
+class _EMACallback(TrainerCallback):
+    def __init__(self, trainer: "DiffusionTrainerBase"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None:
+            self.trainer.ema.step(state.global_step)
+
+
+class DiffusionTrainerBase(Trainer):
+    """
+    Shared machinery of [`DiffusionGRPOTrainer`] and [`DiffusionOPDTrainer`]; not used directly.
+
+    The Trainer's `model` is the pipeline's denoiser (the SD3 transformer or the UNet) carrying a trainable LoRA
+    adapter named `"default"`. The VAE and text encoders stay beside it, frozen, on the same device, never in the
+    optimizer and never in saved checkpoints.
+    """
+
+    _tag_names: list[str] = []
+    _method_name: str = ""
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike, DiffusionPipeline],
+        args: DiffusionTrainingConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        peft_config: Optional[LoraConfig] = None,
+        callbacks: Optional[list[TrainerCallback]] = None,
+        optimizers: tuple = (None, None),
+    ):
+        if isinstance(model, (str, os.PathLike)):
+            # Half precision halves memory; the LoRA parameters are upcast to float32 below for stable updates.
+            dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+            model = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
+        if not isinstance(model, DiffusionPipeline):
+            raise TypeError(f"`model` must be a diffusers DiffusionPipeline or a model id/path, got {type(model)}.")
+        self.pipeline = model
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.adapter: DiffusionAdapter = get_adapter(model)
+        self._check_dataset(train_dataset, "train_dataset")
+        if eval_dataset is not None:
+            self._check_dataset(eval_dataset, "eval_dataset")
+
+        denoiser = self.adapter.denoiser
+        for name, component in model.components.items():
+            if isinstance(component, torch.nn.Module) and component is not denoiser:
+                component.requires_grad_(False)
+                component.eval()
+        if peft_config is None:
+            peft_config = default_lora_config(self.adapter.denoiser_name)
+        self.lora_config = peft_config
+        add_student_adapter(denoiser, peft_config)
+        self._upcast_trainable_parameters(denoiser)
+        if args.gradient_checkpointing:
+            # diffusers' own checkpointing; the Trainer's path expects a transformers model.
+            denoiser.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+        self._prepare_before_trainer_init(args)
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=identity_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        for component in model.components.values():
+            if isinstance(component, torch.nn.Module) and component is not denoiser:
+                component.to(self.accelerator.device)
+        self.ema = None
+        if args.ema:
+            self.ema = LoRAEMA(lora_parameters(denoiser, STUDENT_ADAPTER), args.ema_decay, args.ema_update_interval)
+        self.add_callback(_EMACallback(self))
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.rollout_generator = torch.Generator(device=self.accelerator.device)
+        # Distinct noise per process: a group spread over processes must not repeat the same images.
+        self.rollout_generator.manual_seed(args.seed * 1000 + self.accelerator.process_index)
+
+    # ----- set-up hooks -----------------------------------------------------------------------------------------------
+    def _prepare_before_trainer_init(self, args) -> None:
+        """Subclass hook: load teachers, resolve rewards... before `Trainer.__init__` builds the optimizer state."""
+
+    def _check_dataset(self, dataset, name: str) -> None:
+        if dataset is None:
+            return
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and "prompt" not in columns:
+            raise ValueError(f"`{name}` needs a `prompt` column; it has {columns}.")
+
+    @staticmethod
+    def _upcast_trainable_parameters(denoiser: torch.nn.Module) -> None:
+        for parameter in denoiser.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+
+    @property
+    def unwrapped_denoiser(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.args.image_size(self.adapter.default_resolution)
+
+    # ----- data ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _split_batch(inputs: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[Any]]]:
+        prompts = [row["prompt"] for row in inputs]
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
+        return prompts, columns
+
+    def encode(self, prompts: list[str]) -> PromptEmbeddings:
+        """The prompts' embeddings (each distinct prompt encoded once per run) with the CFG negative prompt."""
+        return self.adapter.encode_prompts(
+            prompts, negative_prompt=self.args.negative_prompt, max_sequence_length=self.args.max_sequence_length
+        )
+
+    # ----- metrics ---------------------------------------------------------------------------------------------------
+    def _record(self, mode: str, **values: float) -> None:
+        for key, value in values.items():
+            if value is not None:
+                self._metrics[mode][key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
+        steps = self.args.log_images_steps
+        if not steps or (self.state.global_step % steps) or not self.is_world_process_zero():
+            return
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                grid = images[:16].detach().float().cpu()
+                callback.tb_writer.add_images("rollout/images", grid, self.state.global_step)
+                callback.tb_writer.add_text("rollout/prompts", "\n".join(prompts[:16]), self.state.global_step)
+
+    # ----- evaluation ------------------------------------------------------------------------------------------------
+    def _eval_reward_set(self) -> Optional[RewardSet]:
+        """The rewards `evaluate` scores with (subclasses)."""
+        return None
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seed: int = 0, batch_size: Optional[int] = None) -> torch.Tensor:
+        """
+        Images of the current policy (the EMA weights when EMA is on) from the deterministic ODE sampler with the
+        evaluation settings; `[B, 3, H, W]` in `[0, 1]`.
+        """
+        args = self.args
+        batch_size = batch_size or args.per_device_eval_batch_size
+        height, width = self.image_size
+        guidance = args.eval_guidance_scale if args.eval_guidance_scale is not None else args.guidance_scale
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        images = []
+        context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with context:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                trajectory = rollout(
+                    self.adapter,
+                    prompt_embeds=self.encode(chunk),
+                    num_inference_steps=args.eval_num_inference_steps,
+                    guidance_scale=guidance,
+                    noise_level=0.0,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    decode=True,
+                )
+                images.append(trajectory.images.cpu())
+        return torch.cat(images)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """
+        Samples the evaluation prompts with the deterministic ODE sampler (`eval_num_inference_steps`,
+        `eval_guidance_scale`, seed `eval_seed`) and scores them: `<prefix>_reward` and `<prefix>_rewards/<name>/mean`.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("`evaluate` needs an `eval_dataset`.")
+        reward_set = self._eval_reward_set()
+        if reward_set is None:
+            raise ValueError("`evaluate` needs reward functions to score the samples with.")
+        start = time.time()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        rows = [dataset[i] for i in range(rank, len(dataset), world)]
+        metrics: dict[str, float] = {}
+        if rows:
+            prompts, columns = self._split_batch(rows)
+            was_training = self.model.training
+            self.model.eval()
+            images = self.sample_images(prompts, seed=self.args.eval_seed + rank)
+            self.model.train(was_training)
+            local = reward_set(prompts, images, columns)
+        else:
+            local = torch.empty(0, len(reward_set))
+        rewards = torch.cat([r for r in gather_object([local]) if r.numel()]) if world > 1 else local
+        total = reward_set.total(rewards)
+        metrics[f"{metric_key_prefix}_reward"] = torch.nanmean(total).item()
+        metrics.update(reward_set.metrics(rewards, prefix=f"{metric_key_prefix}_"))
+        metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ----- saving and resuming ---------------------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """Writes the student LoRA (diffusers + PEFT formats; the EMA weights as the deliverable when EMA is on)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.unwrapped_denoiser
+        trained = adapter_state_dict(denoiser, STUDENT_ADAPTER)
+        deliverable = trained
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                deliverable = adapter_state_dict(denoiser, STUDENT_ADAPTER)
+            _save_file_atomic(self.ema.state_dict(), os.path.join(output_dir, EMA_STATE_NAME))
+        save_lora(
+            output_dir,
+            type(self.pipeline),
+            self.adapter.denoiser_name,
+            deliverable,
+            denoiser.peft_config[STUDENT_ADAPTER],
+            base_model=self._base_model_id(),
+            peft_state_dict=trained,
+        )
+        Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+        logger.info("Saved the LoRA to %s", output_dir)
+
+    def _base_model_id(self) -> Optional[str]:
+        return getattr(self.pipeline, "name_or_path", None) or self.pipeline.config.get("_name_or_path")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        weights = os.path.join(resume_from_checkpoint, PEFT_WEIGHT_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"Checkpoint {resume_from_checkpoint} has no {PEFT_WEIGHT_NAME} to resume from.")
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
+        result = set_peft_model_state_dict(self.unwrapped_denoiser, state, adapter_name=STUDENT_ADAPTER)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"Checkpoint {resume_from_checkpoint} does not match the student LoRA: {unexpected[:3]}")
+        ema_file = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
+        if self.ema is not None and os.path.isfile(ema_file):
+            self.ema.load_state_dict(load_file(ema_file))
+        logger.info("Resumed the student LoRA from %s", resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = {"state": self.rollout_generator.get_state()}
+        _save_file_atomic(state, os.path.join(output_dir, ROLLOUT_RNG_NAME.format(self.accelerator.process_index)))
+
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ROLLOUT_RNG_NAME.format(self.accelerator.process_index))
+        if os.path.isfile(path):
+            self.rollout_generator.set_state(load_file(path)["state"])
+        else:
+            logger.warning("No rollout RNG state in %s: the resumed run will not reproduce the original.", checkpoint)
+
+    # ----- model card ------------------------------------------------------------------------------------------------
+    def _model_card_sections(self) -> list[str]:
+        return []
+
+    def create_model_card(self, model_name: Optional[str] = None, **kwargs) -> None:
+        if not self.is_world_process_zero():
+            return
+        final = {}
+        for entry in self.state.log_history:
+            final.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"})
+        write_model_card(
+            self.args.output_dir,
+            base_model=self._base_model_id(),
+            method=self._method_name,
+            description=f"A LoRA for `{self._base_model_id()}` trained with {self._method_name}.",
+            tags=list(self._tag_names) + list(kwargs.get("tags") or []),
+            metrics=final,
+            model_name=model_name,
+            extra_sections=self._model_card_sections(),
+        )
+
+
+def _save_file_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
+    tmp = f"{path}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
