@@ -260,6 +260,20 @@ def test_paddleocr_missing_names_the_extra():
         pytest.skip("paddleocr is installed")
 
 
+@pytest.mark.parametrize(
+    "name, module, extra", [("hpsv2", "open_clip", "hps"), ("image_reward", "ImageReward", "imagereward")]
+)
+def test_optional_rewards_name_their_extra(name, module, extra):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed")
+    reward = get_reward(name)
+    assert reward.name == name
+    with pytest.raises(ImportError, match=rf"diffusion-opd-trainer\[{extra}\]"):
+        reward(prompts=["a"], images=torch.zeros(1, 3, 8, 8))
+
+
 # ----------------------------------------------------------------------------------------------- registry
 def test_registry_names_and_factories():
     assert {"jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clip_score", "aesthetic", "ocr"} <= set(

@@ -12,12 +12,15 @@ Reward functions with the library's signature, `reward(prompts=list[str], images
 | `ocr`                    | `OCRReward`              | `microsoft/trocr-base-printed` (or PaddleOCR)          |
 | `geneval`                | `GenEvalReward`          | `facebook/mask2former-swin-small-coco-instance` + CLIP |
 | `geneval_strict`         | `GenEvalReward(strict)`  | same, binary score                                     |
+| `hpsv2`                  | `HPSv2Reward`            | `xswu/HPSv2` (`HPS_v2.1_compressed.pt`), extra `hps`   |
+| `image_reward`           | `ImageRewardReward`      | `ImageReward-v1.0`, extra `imagereward`                |
 
 See `docs/rewards.md`.
 """
 
 from .base import RewardModel, to_pil_images, to_uint8_images
 from .clip import AestheticMLP, AestheticReward, CLIPRewardModel, CLIPScoreReward, PickScoreReward
+from .extras import HPSv2Reward, ImageRewardReward
 from .geneval import GenEvalReward, evaluate_geneval, geneval_overall, relative_position
 from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from .ocr import OCRReward, extract_quoted_text, levenshtein, ocr_reward
@@ -30,6 +33,8 @@ __all__ = [
     "CLIPRewardModel",
     "CLIPScoreReward",
     "GenEvalReward",
+    "HPSv2Reward",
+    "ImageRewardReward",
     "JpegCompressibility",
     "JpegIncompressibility",
     "OCRReward",
@@ -64,5 +69,7 @@ for _name, _factory in (
     ("ocr", OCRReward),
     ("geneval", GenEvalReward),
     ("geneval_strict", _geneval_strict),
+    ("hpsv2", HPSv2Reward),
+    ("image_reward", ImageRewardReward),
 ):
     register_reward(_name, _factory)
