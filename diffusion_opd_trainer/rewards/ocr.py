@@ -212,6 +212,14 @@ class OCRReward(RewardModel):
     def load_models(self) -> None:
         self.backend.load(self.device, self.dtype)
 
+    def to(self, device) -> "OCRReward":
+        super().to(device)
+        # The backend holds the model (not an attribute of the reward): move it, or let the next load place it.
+        if self._loaded and isinstance(getattr(self.backend, "model", None), torch.nn.Module):
+            self.backend.model.to(self.device)
+            self.backend.device = self.device
+        return self
+
     def recognize(self, images: torch.Tensor) -> list[str]:
         """The raw text read in each image (loads the backend if needed)."""
         self.load()
