@@ -264,6 +264,12 @@ def test_reward_end_to_end_on_tiny_models():
     assert strict(prompts=prompts, images=images, metadata=[COLOR, COUNT3, None]) == metrics["geneval"]
 
 
+def test_detector_resize_keeps_image_coordinates():
+    reward = _reward(detector_size=(64, 96))  # a 40 x 56 image is resized to 64 x 96 (rounded to 32) and back
+    masks = [d["mask"] for d in reward.detect(torch.rand(1, 3, 40, 56))[0]]
+    assert len(masks) == 100 and all(mask.shape == (40, 56) for mask in masks)
+
+
 def reward_images_to_pil(images):
     from diffusion_opd_trainer.rewards import to_pil_images
 

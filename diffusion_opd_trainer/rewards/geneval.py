@@ -307,8 +307,13 @@ class GenEvalReward(RewardModel):
         self._color_classifiers: dict[str, torch.Tensor] = {}
 
     def load_models(self) -> None:
+        import importlib.util
+
         from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
 
+        if isinstance(self.detector_source, (str, os.PathLike)) and importlib.util.find_spec("scipy") is None:
+            # transformers builds Mask2Former's training loss (a Hungarian matcher) in the constructor.
+            raise ImportError('GenEval\'s Mask2Former needs scipy: pip install "diffusion-opd-trainer[geneval]".')
         self.detector = load_component(self.detector_source, Mask2FormerForUniversalSegmentation)
         self.detector_processor = load_component(self.detector_processor_source, AutoImageProcessor)
         self.clip_model = load_component(self.clip_source, CLIPModel)
