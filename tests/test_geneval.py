@@ -198,8 +198,7 @@ def _reward(**kwargs):
         detector_processor=detector_processor,
         clip_model=clip_model,
         clip_processor=clip_processor,
-        detector_size=None,
-        **kwargs,
+        **{"detector_size": None, **kwargs},
     )
 
 
