@@ -306,6 +306,8 @@ def evaluate(
                     else:
                         batch_metrics = {name: list(reward(prompts=prompts, images=images, **extra))}
                     for metric, metric_values in batch_metrics.items():
+                        if owners.get(metric, reward) is not reward:
+                            raise ValueError(f"Two rewards of task {task!r} report a metric named {metric!r}.")
                         values.setdefault(metric, []).extend(metric_values)
                         owners[metric] = reward
                 if save_images:

@@ -10,7 +10,7 @@ import torch
 torch.set_num_threads(1)
 
 from diffusion_opd_trainer.evaluation import EvaluationCallback, EvaluationResult, evaluate, format_table  # noqa: E402
-from diffusion_opd_trainer.rewards import GenEvalReward, PickScoreReward  # noqa: E402
+from diffusion_opd_trainer.rewards import GenEvalReward, JpegCompressibility, PickScoreReward  # noqa: E402
 from diffusion_opd_trainer.rewards.testing import tiny_clip, tiny_mask2former  # noqa: E402
 from diffusion_opd_trainer.rollout import rollout  # noqa: E402
 from diffusion_opd_trainer.testing import SD3_LORA_TARGET_MODULES, tiny_sd3_pipeline  # noqa: E402
@@ -110,6 +110,14 @@ def test_tasks_columns_and_images_per_prompt(pipe, tmp_path):
     ]
     # A metric shared by two tasks is labelled task/metric.
     assert result.to_markdown().splitlines()[0] == "| model | a/needs_column | b/needs_column | mean_pixel |"
+    with pytest.raises(ValueError, match="report a metric named 'mean_pixel'"):
+        evaluate(
+            pipe,
+            PROMPTS[:1],
+            [mean_pixel, JpegCompressibility(name="mean_pixel")],
+            num_inference_steps=1,
+            show_progress=False,
+        )
     with pytest.raises(ValueError, match="No reward for task"):
         evaluate(pipe, {"a": PROMPTS, "c": PROMPTS}, {"a": mean_pixel}, show_progress=False)
 
