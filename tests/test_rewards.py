@@ -88,6 +88,14 @@ def test_pickscore_matches_clip_forward(clip, images):
     scores = reward(prompts=PROMPTS, images=images, extra_column=[1, 2, 3, 4])
     expected = _forward_logits(model, processor, PROMPTS, images)
     assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+    # By hand: 100 * <image / |image|, text / |text|> from the towers' features.
+    pil = [Image.fromarray(a) for a in to_uint8_images(images)]
+    with torch.no_grad():
+        image = model.get_image_features(**processor.image_processor(images=pil, return_tensors="pt"))
+        text = model.get_text_features(**processor.tokenizer(PROMPTS, padding=True, return_tensors="pt"))
+    image, text = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (image, text))
+    by_hand = [100.0 * float(i @ t) / float(i.norm() * t.norm()) for i, t in zip(image, text)]
+    assert scores == pytest.approx(by_hand, abs=1e-4)
     # Batch size does not change scores; the training scale multiplies them; metrics report the raw value.
     assert PickScoreReward(model=model, processor=processor, batch_size=1)(PROMPTS, images) == pytest.approx(scores)
     scaled = PickScoreReward(model=model, processor=processor, scale=1 / 26)
