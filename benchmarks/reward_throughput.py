@@ -24,6 +24,7 @@ from diffusion_opd_trainer.rewards import (
     OCRReward,
     PickScoreReward,
 )
+from diffusion_opd_trainer.rewards.geneval import GENEVAL_CLASSES
 from diffusion_opd_trainer.rewards.testing import tiny_clip, tiny_mask2former, tiny_trocr
 
 
@@ -31,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 GENEVAL_METADATA = [
     {"tag": "single_object", "include": [{"class": "cat", "count": 1}]},
-    {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]},
-    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+    {"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+    {"tag": "colors", "include": [{"class": "cat", "count": 2, "color": "red"}]},
     {
         "tag": "color_attr",
         "include": [{"class": "cat", "count": 1, "color": "red"}, {"class": "dog", "count": 1, "color": "blue"}],
@@ -40,10 +41,19 @@ GENEVAL_METADATA = [
 ]
 
 
-def build_rewards(batch_size: int) -> dict:
+def build_rewards(batch_size: int, ocr_tokens: int) -> dict:
     clip_model, clip_processor = tiny_clip()
     trocr, trocr_processor = tiny_trocr()
     detector, detector_processor = tiny_mask2former()
+    # Random weights would end most work early: the OCR decoder would stop at once and no object would pass GenEval's
+    # threshold. Biasing the outputs makes the OCR read `ocr_tokens` characters and every query a confident "cat",
+    # so decoding, colour classification and the rules all run as they do on real images.
+    bias = torch.zeros(trocr.config.decoder.vocab_size)
+    bias[trocr_processor.tokenizer.convert_tokens_to_ids("h")] = 100.0
+    trocr.decoder.output_projection.register_forward_hook(lambda module, inputs, output: output + bias)
+    with torch.no_grad():
+        detector.class_predictor.bias.zero_()
+        detector.class_predictor.bias[GENEVAL_CLASSES.index("cat")] = 30.0
     common = {"device": "cpu", "batch_size": batch_size}
     return {
         "jpeg_compressibility": JpegCompressibility(**common),
@@ -51,7 +61,7 @@ def build_rewards(batch_size: int) -> dict:
         "pickscore": PickScoreReward(model=clip_model, processor=clip_processor, **common),
         "clip_score": CLIPScoreReward(model=clip_model, processor=clip_processor, **common),
         "aesthetic": AestheticReward(model=clip_model, processor=clip_processor, head=AestheticMLP(16), **common),
-        "ocr": OCRReward(model=trocr, processor=trocr_processor, max_new_tokens=16, **common),
+        "ocr": OCRReward(model=trocr, processor=trocr_processor, max_new_tokens=ocr_tokens, **common),
         "geneval": GenEvalReward(
             detector=detector,
             detector_processor=detector_processor,
@@ -70,6 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best one is reported")
+    parser.add_argument("--ocr-tokens", type=int, default=16, help="characters the OCR decoder is made to read")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -89,7 +100,7 @@ def main() -> None:
         torch.__version__,
     )
     logger.info("%-24s %12s %12s", "reward", "images/s", "ms/image")
-    for name, reward in build_rewards(args.batch_size).items():
+    for name, reward in build_rewards(args.batch_size, args.ocr_tokens).items():
         reward(
             prompts=prompts[: args.batch_size],
             images=images[: args.batch_size],

@@ -367,24 +367,33 @@ class GenEvalReward(RewardModel):
         probs = class_logits.softmax(-1)[:, :-1]
         top = min(self.max_per_image, num_queries * num_classes)
         scores, flat = probs.flatten().topk(top)
-        queries, labels = flat // num_classes, flat % num_classes
-        masks = mask_logits[queries] > 0
+        labels = flat % num_classes
+        # A query can rank with several classes: its mask, mask score and box are computed once.
+        queries, inverse = (flat // num_classes).unique(return_inverse=True)
+        logits = mask_logits[queries]
+        masks = logits > 0
         # mmdet's instance score: class probability times the mean sigmoid of the mask over its own pixels.
-        mask_scores = (mask_logits[queries].sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
-        scores = scores * mask_scores
-        instances = []
-        for mask, score, label in zip(masks, scores.tolist(), labels.tolist()):
-            rows, cols = torch.where(mask.any(1))[0], torch.where(mask.any(0))[0]
-            # mmdet's mask2bbox: an empty mask gets a zero box; boxes end one pixel past the last mask pixel.
-            box = (
-                [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
-                if len(rows)
-                else [0.0, 0.0, 0.0, 0.0]
-            )
-            instances.append(
-                {"label": self.class_names[label], "score": score, "box": box, "mask": mask.cpu().numpy()}
-            )
-        return instances
+        mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+        scores = (scores * mask_scores[inverse]).tolist()
+        # mmdet's mask2bbox: from the first to one past the last row / column holding a mask pixel; empty masks get
+        # a zero box.
+        rows, cols = masks.any(2), masks.any(1)
+        height, width = rows.shape[1], cols.shape[1]
+        boxes = torch.stack(
+            [
+                cols.float().argmax(1),
+                rows.float().argmax(1),
+                width - cols.flip(1).float().argmax(1),
+                height - rows.flip(1).float().argmax(1),
+            ],
+            dim=1,
+        ).float()
+        boxes[~rows.any(1)] = 0.0
+        boxes, masks = boxes.tolist(), masks.cpu().numpy()
+        return [
+            {"label": self.class_names[label], "score": score, "box": boxes[query], "mask": masks[query]}
+            for label, score, query in zip(labels.tolist(), scores, inverse.tolist())
+        ]
 
     # ----------------------------------------------------------------------------------------------- colours
     def _color_classifier(self, class_name: str) -> torch.Tensor:
