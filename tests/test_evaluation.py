@@ -1,5 +1,6 @@
 """The evaluation harness on the tiny SD3 pipeline: seeds, batching, tables, LoRA loading, GenEval aggregation."""
 
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -158,6 +159,7 @@ def test_lora_is_applied_then_removed(pipe, tmp_path):
     assert not pipe.get_list_adapters().get("transformer")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="Mask2Former needs scipy (extra `geneval`)")
 def test_geneval_and_pickscore_through_the_harness(pipe):
     clip_model, clip_processor = tiny_clip()
     detector, detector_processor = tiny_mask2former()

@@ -1,5 +1,6 @@
 """GenEval's rule engine on hand-made detections (every tag, near-threshold cases) and the reward on tiny models."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -17,6 +18,12 @@ from diffusion_opd_trainer.rewards.geneval import (  # noqa: E402
     geneval_overall,
     relative_position,
     select_objects,
+)
+
+
+# transformers' Mask2Former builds its training loss (scipy's Hungarian matcher) in its constructor.
+requires_scipy = pytest.mark.skipif(
+    importlib.util.find_spec("scipy") is None, reason="Mask2Former needs scipy (extra `geneval`)"
 )
 
 
@@ -222,6 +229,7 @@ def test_instance_postprocessing_hand_computed():
     assert instances[1]["mask"].sum() == 6 and instances[1]["mask"].shape == (4, 6)
 
 
+@requires_scipy
 def test_reward_end_to_end_on_tiny_models():
     reward = _reward(batch_size=2)
     reward.load()
@@ -263,6 +271,7 @@ def test_reward_end_to_end_on_tiny_models():
     assert strict(prompts=prompts, images=images, metadata=[COLOR, COUNT3, None]) == metrics["geneval"]
 
 
+@requires_scipy
 def test_detector_resize_keeps_image_coordinates():
     reward = _reward(detector_size=(64, 96))  # a 40 x 56 image is resized to 64 x 96 (rounded to 32) and back
     masks = [d["mask"] for d in reward.detect(torch.rand(1, 3, 40, 56))[0]]
@@ -275,6 +284,7 @@ def reward_images_to_pil(images):
     return to_pil_images(images)
 
 
+@requires_scipy
 def test_color_classifier_matches_hand_computation():
     import torch.nn.functional as F
     from PIL import Image
