@@ -263,7 +263,8 @@ class GenEvalReward(RewardModel):
         max_per_image (`int`, defaults to 100): detections kept per image before thresholds (mmdet's `max_per_image`).
         detector_size (`tuple[int, int]`, *optional*, defaults to `(800, 1333)`): shortest and longest edge of the
             detector's input.
-        **kwargs: `device`, `dtype`, `batch_size`, `name` of [`RewardModel`].
+        batch_size (`int`, defaults to 8): images per detector pass.
+        **kwargs: `device`, `dtype`, `name` of [`RewardModel`].
     """
 
     name = "geneval"
