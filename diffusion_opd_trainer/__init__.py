@@ -4,13 +4,19 @@ __version__ = "0.1.0.dev0"
 
 from .grpo_config import DiffusionGRPOConfig
 from .grpo_trainer import DiffusionGRPOTrainer
+from .opd_config import DiffusionOPDConfig
+from .opd_trainer import DiffusionOPDTrainer
 from .rollout import Trajectory, rollout
 from .sde import TransitionOutput, sde_step, step_kl
+from .teachers import TeacherConfig
 
 
 __all__ = [
     "DiffusionGRPOConfig",
     "DiffusionGRPOTrainer",
+    "DiffusionOPDConfig",
+    "DiffusionOPDTrainer",
+    "TeacherConfig",
     "Trajectory",
     "TransitionOutput",
     "rollout",

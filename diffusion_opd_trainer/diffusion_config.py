@@ -42,8 +42,8 @@ class DiffusionTrainingConfig(TrainingArguments):
             0 gives the deterministic (ODE) sampler.
         kl_scaling (`str`):
             `"exact"`: the step KL `||mu - mu'||^2 / (2 s^2)` with `s = sigma_t * sqrt(|dt|)` the transition std.
-            `"sigma"`: divide by `2 sigma_t^2` instead (`= exact KL * |dt|`), the convention of Flow-GRPO and the public
-            DiffusionOPD code, whose `beta` and learning rates are tuned to it.
+            `"sigma"`: divide by `2 sigma_t^2` instead (`= exact KL * |dt|`), the convention of Flow-GRPO and the
+            public DiffusionOPD code, whose `beta` and learning rates are tuned to it.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train on the first `int(timestep_fraction * num_inference_steps)` steps of each rollout (at least one).
             The default trains on all but the last step: that step ends at sigma = 0 with a tiny std, so its exact KL

@@ -71,18 +71,20 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
         super().__post_init__()
         if self.noise_level <= 0:
             raise ValueError(
-                "`noise_level` must be > 0 for GRPO: the ODE (noise_level=0) is deterministic, so its transitions have "
-                "no log-probability and the policy gradient is undefined. Flow-GRPO uses 0.7."
+                "`noise_level` must be > 0 for GRPO: the ODE (noise_level=0) is deterministic, so its transitions "
+                "have no log-probability and the policy gradient is undefined. Flow-GRPO uses 0.7."
             )
         if self.num_generations < 2:
-            raise ValueError(f"`num_generations` must be >= 2 (advantages compare images of a group), got "
-                             f"{self.num_generations}.")
+            raise ValueError(
+                f"`num_generations` must be >= 2 (advantages compare images of a group), got {self.num_generations}."
+            )
         global_batch = self.per_device_train_batch_size * self.world_size
         if global_batch % self.num_generations != 0:
             raise ValueError(
-                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x num_processes ({self.world_size}) "
-                f"= {global_batch} images per step must be a multiple of num_generations ({self.num_generations}), so "
-                "that every step holds complete groups. E.g. set per_device_train_batch_size to "
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x num_processes "
+                f"({self.world_size}) = {global_batch} images per step must be a multiple of num_generations "
+                f"({self.num_generations}), so that every step holds complete groups. E.g. set "
+                "per_device_train_batch_size to "
                 f"{self.num_generations // math.gcd(self.num_generations, self.world_size)}."
             )
         if self.num_iterations < 1:

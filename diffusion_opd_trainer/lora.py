@@ -120,7 +120,7 @@ def set_trainable_adapter(denoiser: torch.nn.Module, adapter_name: str) -> None:
         parameter.requires_grad_("lora_" in name and name.endswith(f".{adapter_name}.weight"))
 
 
-# ----- reading LoRA files ---------------------------------------------------------------------------------------------
+# ----- reading LoRA files --------------------------------------------------------------------------------------------
 def _normalise_key(key: str, prefixes: tuple[str, ...]) -> str:
     for prefix in ("base_model.model.",) + prefixes:
         if key.startswith(prefix):
@@ -199,6 +199,9 @@ def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer")
     else:
         raw_meta = metadata.get(f"{denoiser_name}.lora_adapter_metadata", metadata.get("lora_adapter_metadata"))
         config_dict = json.loads(raw_meta) if raw_meta else None
+        if config_dict:
+            # diffusers prefixes each metadata key with the component name ("transformer.r").
+            config_dict = {k.removeprefix(f"{denoiser_name}."): v for k, v in config_dict.items()}
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict if ".lora_" in key})
     if config_dict is not None:
         allowed = set(LoraConfig.__dataclass_fields__) - {"base_model_name_or_path", "revision"}
@@ -208,6 +211,9 @@ def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer")
         alpha = next(iter(alphas.values())) if alphas else rank
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules)
     config.base_model_name_or_path = base_model
+    ranks = {value.shape[0] for key, value in state_dict.items() if ".lora_A." in key}
+    if not config.rank_pattern and ranks != {config.r}:
+        raise ValueError(f"LoRA {path}: its config says rank {config.r} but its weights have rank(s) {sorted(ranks)}.")
     # Target exactly the modules the file has weights for: robust to configs with regexes or wider target lists.
     config.target_modules = modules
     config.inference_mode = True

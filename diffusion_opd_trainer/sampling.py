@@ -93,8 +93,11 @@ class RolloutSampler(Sampler[int]):
 
     def __len__(self) -> int:
         cycles = self._cycles()
-        return len(cycles) * self.num_iterations * self.gradient_accumulation_steps * (
-            self.prompts_per_micro_batch * self.group_size
+        return (
+            len(cycles)
+            * self.num_iterations
+            * self.gradient_accumulation_steps
+            * (self.prompts_per_micro_batch * self.group_size)
         )
 
 

@@ -94,7 +94,9 @@ class RewardSet:
             values = func(prompts=[prompts[i] for i in index], images=images[index], **sub_columns)
             values = list(values)
             if len(values) != len(index):
-                raise ValueError(f"Reward {self.names[column]!r} returned {len(values)} values for {len(index)} images.")
+                raise ValueError(
+                    f"Reward {self.names[column]!r} returned {len(values)} values for {len(index)} images."
+                )
             for i, value in zip(index, values):
                 rewards[i, column] = float("nan") if value is None else float(value)
         return rewards

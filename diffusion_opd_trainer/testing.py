@@ -309,3 +309,69 @@ def tiny_sd_pipeline(
     )
     _to_eval(pipe)
     return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+
+
+def save_random_lora(
+    pipeline,
+    path,
+    lora_format: str = "peft",
+    r: int = 4,
+    lora_alpha: int = 8,
+    std: float = 0.1,
+    seed: int = 0,
+    target_modules: Optional[list[str]] = None,
+) -> str:
+    """
+    Writes a LoRA with random (seeded) weights for `pipeline`'s denoiser, standing in for a trained teacher.
+
+    Args:
+        pipeline: the pipeline whose denoiser the LoRA fits (left unchanged).
+        path (`str` or `os.PathLike`): the folder to write.
+        lora_format (`str`, defaults to `"peft"`): `"peft"` (`adapter_config.json` + `adapter_model.safetensors`, as
+            `PeftModel.save_pretrained` writes it: the format of the paper's released teachers) or `"diffusers"`
+            (`pytorch_lora_weights.safetensors` with adapter metadata, as `save_lora_weights` writes it).
+        r (`int`, defaults to 4), lora_alpha (`int`, defaults to 8): rank and alpha.
+        std (`float`, defaults to 0.1): the weights' standard deviation (both A and B, so the LoRA changes outputs).
+        seed (`int`, defaults to 0): seeds the weights.
+        target_modules (`list[str]`, *optional*): defaults to the family's attention projections.
+
+    Returns:
+        `str`: `path`.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from .lora import DEFAULT_TARGET_MODULES, adapter_state_dict
+
+    name = "transformer" if hasattr(pipeline, "transformer") else "unet"
+    denoiser = copy.deepcopy(getattr(pipeline, name))
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or DEFAULT_TARGET_MODULES[name],
+        init_lora_weights=False,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    if lora_format == "peft":
+        model = get_peft_model(denoiser, config)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        model.save_pretrained(path)
+        return str(path)
+    if lora_format != "diffusers":
+        raise ValueError(f"lora_format must be 'peft' or 'diffusers', got {lora_format!r}.")
+    denoiser.add_adapter(config)
+    with torch.no_grad():
+        for param_name, param in denoiser.named_parameters():
+            if "lora_" in param_name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    type(pipeline).save_lora_weights(
+        path,
+        **{f"{name}_lora_layers": adapter_state_dict(denoiser), f"{name}_lora_adapter_metadata": metadata},
+    )
+    return str(path)

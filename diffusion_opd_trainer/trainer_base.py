@@ -22,8 +22,8 @@ from .hub import save_lora, write_model_card
 from .lora import (
     PEFT_WEIGHT_NAME,
     STUDENT_ADAPTER,
-    add_student_adapter,
     adapter_state_dict,
+    add_student_adapter,
     default_lora_config,
     lora_parameters,
 )
@@ -89,7 +89,7 @@ class DiffusionTrainerBase(Trainer):
             self._check_dataset(eval_dataset, "eval_dataset")
 
         denoiser = self.adapter.denoiser
-        for name, component in model.components.items():
+        for component in model.components.values():
             if isinstance(component, torch.nn.Module) and component is not denoiser:
                 component.requires_grad_(False)
                 component.eval()
@@ -125,7 +125,7 @@ class DiffusionTrainerBase(Trainer):
         # Distinct noise per process: a group spread over processes must not repeat the same images.
         self.rollout_generator.manual_seed(args.seed * 1000 + self.accelerator.process_index)
 
-    # ----- set-up hooks -----------------------------------------------------------------------------------------------
+    # ----- set-up hooks ----------------------------------------------------------------------------------------------
     def _prepare_before_trainer_init(self, args) -> None:
         """Subclass hook: load teachers, resolve rewards... before `Trainer.__init__` builds the optimizer state."""
 

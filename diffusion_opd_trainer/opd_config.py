@@ -1,0 +1,107 @@
+"""Configuration of [`DiffusionOPDTrainer`]."""
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .diffusion_config import DiffusionTrainingConfig
+
+
+LOSS_TYPES = ("analytic", "policy_gradient", "score_function")
+TASK_MIXING = ("mixed", "round_robin")
+SCHEDULES = ("auto", "fused", "two_pass")
+
+
+@dataclass
+class DiffusionOPDConfig(DiffusionTrainingConfig):
+    r"""
+    Configuration class for [`DiffusionOPDTrainer`]: multi-teacher on-policy distillation (DiffusionOPD,
+    arXiv 2605.15055).
+
+    Also takes every [`DiffusionTrainingConfig`] field (sampling, kernel, trained timesteps, EMA) and every
+    `transformers.TrainingArguments` field. There are no groups: one image per prompt, so
+    `per_device_train_batch_size` counts prompts and images alike.
+
+    Parameters:
+        > Distillation
+
+        noise_level (`float`, *optional*, defaults to `0.0`):
+            Noise level of the student's rollouts and of the teachers' transitions (they always share it: the KL is
+            exact only because both Gaussians have the same covariance). 0 (the paper's default) is the ODE with the
+            mean-matching loss `0.5 ||mu_S - mu_T||^2`; > 0 the SDE with the exact KL `||mu_S - mu_T||^2 / (2 s^2)`.
+        kl_scaling (`str`, *optional*, defaults to `"exact"`):
+            `"exact"` or `"sigma"` (the public code's division by `2 sigma_t^2`, i.e. exact KL times `|dt|`).
+        loss_type (`str`, *optional*, defaults to `"analytic"`):
+            `"analytic"`: the closed-form step KL (or mean matching at noise 0), differentiated directly.
+            `"policy_gradient"`: the paper's Sec. 3.3 surrogate, advantage `A_j = -KL_j` kept differentiable inside
+            `min(rho A, clip(rho) A)`: gradient = analytic gradient + a zero-mean score-function term.
+            `"score_function"`: the detached sampled log-ratio `log pi_S(x_{j+1}|x_j) - log pi_T(x_{j+1}|x_j)` as a
+            per-step cost with the score function alone (LLM on-policy distillation's estimator), scaled to the same
+            expected gradient as the analytic loss. Both estimators need a stochastic kernel (`noise_level > 0`).
+        epsilon (`float`, *optional*, defaults to `1e-4`):
+            Clip range of the ratio in the `"policy_gradient"` surrogate.
+        teacher_guidance_scales (`dict[str, float]` or JSON `str`, *optional*):
+            CFG scale of each task's teacher (e.g. `{"ocr": 1.0}` for a CFG-free teacher). Teachers not listed use
+            their source's own scale, else `guidance_scale`.
+        task_mixing (`str`, *optional*, defaults to `"mixed"`):
+            `"mixed"`: each batch mixes tasks, every prompt routed to its task's teacher. `"round_robin"`: each step's
+            batch holds one task's prompts, tasks taking turns.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Optimizer steps per rollout batch. 1 is exactly on-policy (the paper's setting).
+        rollout_schedule (`str`, *optional*, defaults to `"auto"`):
+            `"fused"`: one pass per step, the student's rollout forward also carrying the gradient (student forward
+            with grad, teacher forward without, backward, advance with the detached next state), so no separate no-grad
+            rollout is paid. `"two_pass"`: roll out without grad, cache the teachers' means, then train on the cached
+            states (needed when a rollout is reused, `num_iterations > 1`). `"auto"`: fused when on-policy.
+        log_per_step_kl (`bool`, *optional*, defaults to `False`):
+            Also log the KL of every trained step as `kl/step_<j>`.
+    """
+
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Prompts (= images) per device per step."})
+    noise_level: float = field(default=0.0, metadata={"help": "Shared noise level of student and teachers; 0 = ODE."})
+    kl_scaling: str = field(default="exact", metadata={"help": "'exact' step KL or 'sigma' (exact KL * |dt|)."})
+    loss_type: str = field(default="analytic", metadata={"help": "'analytic', 'policy_gradient' or 'score_function'."})
+    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the policy_gradient surrogate."})
+    teacher_guidance_scales: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Per-task teacher CFG scale, e.g. '{\"ocr\": 1.0}'."}
+    )
+    task_mixing: str = field(default="mixed", metadata={"help": "'mixed' batches or 'round_robin' by task."})
+    num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per rollout batch (1 = on-policy)."})
+    rollout_schedule: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'two_pass'."})
+    log_per_step_kl: bool = field(default=False, metadata={"help": "Log the KL of each trained step."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.loss_type != "analytic" and self.noise_level == 0:
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` is a policy-gradient estimator: it needs a stochastic kernel, but "
+                "`noise_level=0` is the deterministic ODE (no log-probabilities). Use loss_type='analytic' (mean "
+                "matching) at noise 0, or set noise_level > 0 (e.g. 0.7)."
+            )
+        if self.task_mixing not in TASK_MIXING:
+            raise ValueError(f"`task_mixing` must be one of {TASK_MIXING}, got {self.task_mixing!r}.")
+        if self.rollout_schedule not in SCHEDULES:
+            raise ValueError(f"`rollout_schedule` must be one of {SCHEDULES}, got {self.rollout_schedule!r}.")
+        if self.num_iterations < 1:
+            raise ValueError(f"`num_iterations` must be >= 1, got {self.num_iterations}.")
+        if self.rollout_schedule == "fused" and self.num_iterations > 1:
+            raise ValueError(
+                "`rollout_schedule='fused'` trains while rolling out, so a rollout cannot be reused: it needs "
+                f"num_iterations=1 (got {self.num_iterations}). Use 'two_pass' or 'auto'."
+            )
+        if isinstance(self.teacher_guidance_scales, str):
+            try:
+                self.teacher_guidance_scales = json.loads(self.teacher_guidance_scales)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"`teacher_guidance_scales` is not valid JSON: {error}.") from None
+        if self.teacher_guidance_scales is not None and not isinstance(self.teacher_guidance_scales, dict):
+            raise ValueError("`teacher_guidance_scales` must map task names to CFG scales.")
+
+    @property
+    def fused(self) -> bool:
+        """Whether rollout and loss run in one pass."""
+        if self.rollout_schedule == "auto":
+            return self.num_iterations == 1
+        return self.rollout_schedule == "fused"

@@ -1,0 +1,142 @@
+"""Teacher LoRAs for on-policy distillation: resolving sources, loading them as frozen adapters, running as one."""
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .hub import download_lora
+from .lora import active_adapter, adapter_checksum, load_adapter, read_lora
+
+
+logger = logging.getLogger(__name__)
+
+TeacherSource = Union[str, os.PathLike, "TeacherConfig", dict]
+
+
+@dataclass
+class TeacherConfig:
+    """
+    A teacher LoRA and how to run it.
+
+    Args:
+        source (`str` or `os.PathLike`):
+            A PEFT folder (`adapter_config.json` + `adapter_model.safetensors`), a diffusers LoRA folder or
+            `.safetensors` file, or a Hub id `owner/repo[/subfolder][@revision]`.
+        guidance_scale (`float`, *optional*):
+            The teacher's CFG scale (1 for a CFG-free teacher). Defaults to the student's.
+    """
+
+    source: Union[str, os.PathLike]
+    guidance_scale: Optional[float] = None
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: the adapter on the student's denoiser, its CFG scale, where it came from."""
+
+    task: str
+    adapter_name: str
+    guidance_scale: Optional[float]
+    source: str
+    path: Path
+    format: str
+    checksum: float
+
+
+def is_local_source(source: Union[str, os.PathLike]) -> bool:
+    """DESIGN.md's rule: absolute, `./`, `../`, `~`, or existing paths are local; anything else is a Hub id."""
+    text = os.fspath(source)
+    return (
+        isinstance(source, os.PathLike)
+        or os.path.isabs(text)
+        or text.startswith(("./", "../", "~", ".\\", "..\\"))
+        or os.path.exists(text)
+    )
+
+
+def resolve_source(source: Union[str, os.PathLike], task: str, token=None) -> Path:
+    """The local folder or file of a teacher source, downloading Hub ids (or reading the Hub cache offline)."""
+    if is_local_source(source):
+        path = Path(os.fspath(source)).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"Teacher for task {task!r}: local path {os.fspath(source)!r} does not exist.")
+        return path
+    return download_lora(os.fspath(source), token=token)
+
+
+def check_local_sources(teachers: dict[str, TeacherSource]) -> None:
+    """Raises `FileNotFoundError` for the first local teacher path that does not exist (before any model loads)."""
+    for task, source in teachers.items():
+        path = _as_config(source).source
+        if is_local_source(path) and not Path(os.fspath(path)).expanduser().exists():
+            raise FileNotFoundError(f"Teacher for task {task!r}: local path {os.fspath(path)!r} does not exist.")
+
+
+def _as_config(source: TeacherSource) -> TeacherConfig:
+    if isinstance(source, TeacherConfig):
+        return source
+    if isinstance(source, dict):
+        return TeacherConfig(**source)
+    return TeacherConfig(source=source)
+
+
+def load_teachers(
+    denoiser: torch.nn.Module,
+    teachers: dict[str, TeacherSource],
+    denoiser_name: str,
+    base_model: Optional[str] = None,
+    guidance_overrides: Optional[dict[str, float]] = None,
+    token=None,
+) -> dict[str, Teacher]:
+    """
+    Loads each task's teacher LoRA as a frozen adapter (named `teacher_<task>`) on `denoiser`.
+
+    Raises `FileNotFoundError` for a missing local path and `ValueError` for a LoRA whose modules or shapes do not
+    fit the denoiser, naming the task and the source; warns when a teacher was trained on another base model.
+    """
+    if not teachers:
+        raise ValueError("`teachers` is empty: OPD needs at least one task -> teacher LoRA.")
+    guidance_overrides = guidance_overrides or {}
+    unknown = sorted(set(guidance_overrides) - set(teachers))
+    if unknown:
+        raise ValueError(
+            f"`teacher_guidance_scales` names task(s) {unknown} that have no teacher ({sorted(teachers)})."
+        )
+    loaded = {}
+    for task, source in teachers.items():
+        config = _as_config(source)
+        path = resolve_source(config.source, task, token=token)
+        state_dict, lora_config, fmt = read_lora(path, denoiser_name)
+        adapter_name = f"teacher_{task}"
+        load_adapter(denoiser, state_dict, lora_config, adapter_name, f"{os.fspath(config.source)!r} (task {task!r})")
+        teacher_base = lora_config.base_model_name_or_path
+        if base_model and teacher_base and os.path.basename(str(teacher_base)) != os.path.basename(str(base_model)):
+            logger.warning(
+                "Teacher for task %r was trained on %r but the pipeline is %r: its LoRA may not transfer.",
+                task,
+                teacher_base,
+                base_model,
+            )
+        loaded[task] = Teacher(
+            task=task,
+            adapter_name=adapter_name,
+            guidance_scale=guidance_overrides.get(task, config.guidance_scale),
+            source=os.fspath(config.source),
+            path=path,
+            format=fmt,
+            checksum=adapter_checksum(denoiser, adapter_name),
+        )
+        logger.info("Loaded teacher %r for task %r (%s format, %s)", adapter_name, task, fmt, path)
+    return loaded
+
+
+@contextlib.contextmanager
+def as_teacher(denoiser: torch.nn.Module, teacher: Teacher):
+    """Runs the block as `teacher` (no grad); the student adapter and its trainability are restored on exit."""
+    with torch.no_grad(), active_adapter(denoiser, teacher.adapter_name):
+        yield
