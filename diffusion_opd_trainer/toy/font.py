@@ -14,7 +14,7 @@ __all__ = ["GLYPH_HEIGHT", "GLYPH_WIDTH", "GLYPHS", "LETTERS", "glyph_array"]
 GLYPH_WIDTH = 3
 GLYPH_HEIGHT = 5
 
-# Rows top to bottom, "#" is ink. Drawn as capitals; prompts spell them in lower case (the T5 vocabulary is lower case).
+# Rows top to bottom, "#" is ink. Drawn as capitals; prompts spell them in lower case (T5's vocabulary is lower case).
 _GLYPH_ROWS = {
     "c": (".##", "#..", "#..", "#..", ".##"),
     "f": ("###", "#..", "##.", "#..", "#.."),

@@ -44,7 +44,10 @@ def _place(
     margin, gap = max(1, resolution // 32), max(2, resolution // 16)
     for _ in range(1000):
         corners = [
-            (int(rng.integers(margin, resolution - margin - s + 1)), int(rng.integers(margin, resolution - margin - s + 1)))
+            (
+                int(rng.integers(margin, resolution - margin - s + 1)),
+                int(rng.integers(margin, resolution - margin - s + 1)),
+            )
             for s in sizes
         ]
         boxes = [(x, y, x + s, y + s) for (x, y), s in zip(corners, sizes)]
@@ -82,7 +85,10 @@ def _background(spec: dict, style: Optional[str], rng: np.random.Generator, reso
     if background is None:
         names = list(BACKGROUNDS)
         first, second = rng.choice(len(names), size=2, replace=False)
-        background = {"colors": [names[first], names[second]], "direction": ["vertical", "horizontal"][rng.integers(2)]}
+        background = {
+            "colors": [names[first], names[second]],
+            "direction": ["vertical", "horizontal"][rng.integers(2)],
+        }
     start, end = (np.array(BACKGROUNDS[name], dtype=np.float32) for name in background["colors"])
     ramp = np.linspace(0.0, 1.0, resolution, dtype=np.float32)
     ramp = ramp[:, None, None] if background["direction"] == "vertical" else ramp[None, :, None]

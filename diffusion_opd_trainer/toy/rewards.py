@@ -29,9 +29,9 @@ __all__ = [
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 _COLOR_NAMES = list(COLORS)
-# A pixel belongs to a palette colour when it is within this RGB distance of it (half the closest palette gap, 0.45):
+# A pixel belongs to its nearest palette colour when within this RGB distance of it (the closest pair is 0.42 apart):
 # anti-aliased edges, pale blends with the background and off-palette backgrounds stay unlabelled.
-_COLOR_RADIUS = 0.22
+_COLOR_RADIUS = 0.3
 _EXTRA_OBJECT_PENALTY = 0.5
 
 

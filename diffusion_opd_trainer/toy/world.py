@@ -15,7 +15,7 @@ Specs carry a `seed` that fixes the layout the renderer draws, so `render` is a 
 import json
 import re
 import zlib
-from functools import lru_cache
+from functools import cache
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -178,7 +178,7 @@ def _spec_seed(prompt: str, split: str) -> int:
     return zlib.crc32(f"{split}:{prompt}".encode())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _specs(task: str, split: str) -> tuple[str, ...]:
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; the toy tasks are {TASKS}.")
