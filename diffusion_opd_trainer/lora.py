@@ -276,4 +276,4 @@ def load_adapter(
 def adapter_state_dict(denoiser: torch.nn.Module, adapter_name: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
     """One adapter's weights with PEFT's key names (no adapter name in the keys), detached, contiguous, on CPU."""
     state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 
 from .diffusion_config import DiffusionTrainingConfig
 from .ema import LoRAEMA
@@ -95,6 +95,8 @@ class DiffusionTrainerBase(Trainer):
                 component.eval()
         if peft_config is None:
             peft_config = default_lora_config(self.adapter.denoiser_name)
+        # The LoRA's random init must depend on the seed only (Trainer.__init__ seeds too, but after this point).
+        set_seed(args.seed)
         self.lora_config = peft_config
         add_student_adapter(denoiser, peft_config)
         self._upcast_trainable_parameters(denoiser)
