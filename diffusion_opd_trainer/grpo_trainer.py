@@ -187,7 +187,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     def _policy_update(self, model, batch: _ScoredRollout) -> torch.Tensor:
         args = self.args
         steps = args.trained_step_indices
-        scale = 1.0 / (len(steps) * self.current_gradient_accumulation_steps)
+        scale = self.loss_scale()
         scheduler = self.adapter.scheduler
         advantages = batch.advantages
         total_loss = torch.zeros((), device=self.accelerator.device)

@@ -219,9 +219,6 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         self._record("train", step_time=time.perf_counter() - start)
         return loss
 
-    def _scale(self) -> float:
-        return 1.0 / (len(self.args.trained_step_indices) * self.current_gradient_accumulation_steps)
-
     def _fused_step(self, model, embeds: PromptEmbeddings, tasks: list[str]):
         """Roll out and train in one pass: the student's rollout forward carries the gradient."""
         args = self.args
@@ -229,7 +226,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         x = self.adapter.prepare_latents(len(tasks), height, width, self.rollout_generator)
         timesteps = self.adapter.set_timesteps(args.num_inference_steps, height, width)
         trained = args.trained_step_indices
-        scale = self._scale()
+        scale = self.loss_scale()
         total = torch.zeros((), device=x.device)
         kls = {}
         for j, t in enumerate(timesteps):
@@ -290,7 +287,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         """The second pass: the student's gradient at the stored states, against the cached teacher means."""
         args = self.args
         trained = args.trained_step_indices
-        scale = self._scale()
+        scale = self.loss_scale()
         total = torch.zeros((), device=cached.latents.device)
         kls = {}
         for j in trained:

@@ -148,6 +148,11 @@ class DiffusionTrainerBase(Trainer):
     def unwrapped_denoiser(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def loss_scale(self) -> float:
+        """Each trained step's share of a micro-step's loss: 1 / (trained steps x gradient accumulation steps)."""
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return 1.0 / (len(self.args.trained_step_indices) * accumulation)
+
     @property
     def image_size(self) -> tuple[int, int]:
         return self.args.image_size(self.adapter.default_resolution)

@@ -1,0 +1,304 @@
+"""DiffusionOPDTrainer on the tiny SD3 pipeline: losses, teachers, schedules, estimators, errors, saving."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from peft.utils import set_peft_model_state_dict
+
+from diffusion_opd_trainer import DiffusionOPDConfig, DiffusionOPDTrainer, TeacherConfig
+from diffusion_opd_trainer.lora import read_lora
+from diffusion_opd_trainer.models import get_adapter
+from diffusion_opd_trainer.sde import sde_step
+from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
+
+
+PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
+LORA = dict(
+    r=8,
+    lora_alpha=16,
+    init_lora_weights="gaussian",
+    target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+)
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tmp_path_factory):
+    """Two teachers of different formats: a PEFT folder (the paper's release format) and a diffusers LoRA file."""
+    root = tmp_path_factory.mktemp("teachers")
+    pipe = tiny_sd3_pipeline()
+    peft_dir = save_random_lora(pipe, root / "peft_teacher", "peft", seed=1, std=0.3)
+    diffusers_dir = save_random_lora(pipe, root / "diffusers_teacher", "diffusers", seed=2, std=0.3)
+    return Path(peft_dir), Path(diffusers_dir) / "pytorch_lora_weights.safetensors"
+
+
+def opd_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        max_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return DiffusionOPDConfig(**values)
+
+
+def two_task_dataset(repeat=2):
+    return Dataset.from_dict({"prompt": PROMPTS * repeat, "task": ["a", "b"] * (2 * repeat)})
+
+
+def make_trainer(tmp_path, teachers, dataset=None, pipe=None, **overrides):
+    return DiffusionOPDTrainer(
+        pipe or tiny_sd3_pipeline(),
+        teachers=teachers,
+        args=opd_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else two_task_dataset(),
+        peft_config=LoraConfig(**LORA),
+    )
+
+
+def student_grads(trainer):
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def run_one_step(trainer, rows):
+    """One training step on `rows` with fresh gradients; returns (loss, grads)."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.training_step(trainer.model, rows)
+    return loss, student_grads(trainer)
+
+
+@pytest.mark.parametrize("noise_level", [0.0, 0.7])
+def test_student_equal_to_teacher_gives_zero_loss_and_gradient(tmp_path, teacher_dirs, noise_level):
+    peft_dir, _ = teacher_dirs
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    teacher_lora = dict(LORA, r=4, lora_alpha=8)
+    trainer = DiffusionOPDTrainer(
+        tiny_sd3_pipeline(),
+        teachers={"t": str(peft_dir)},
+        train_dataset=dataset,
+        args=opd_args(tmp_path, noise_level=noise_level),
+        peft_config=LoraConfig(**teacher_lora),
+    )
+    state, _, _ = read_lora(peft_dir)
+    set_peft_model_state_dict(trainer.model, state, adapter_name="default")
+    rows = [dataset[i] for i in range(4)]
+    loss, grads = run_one_step(trainer, rows)
+    assert loss.item() == 0.0
+    assert grads and all(g.abs().max().item() == 0.0 for g in grads.values())
+
+
+def test_two_teachers_two_formats_each_task_kl_falls(tmp_path, teacher_dirs):
+    peft_dir, diffusers_file = teacher_dirs
+    trainer = make_trainer(
+        tmp_path, {"a": str(peft_dir), "b": str(diffusers_file)}, max_steps=40, per_device_train_batch_size=8
+    )
+    assert trainer.teachers["a"].format == "peft" and trainer.teachers["b"].format == "diffusers"
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "kl" in entry]
+    for task in ("a", "b"):
+        first = sum(entry[f"kl/{task}"] for entry in logs[:3]) / 3
+        last = sum(entry[f"kl/{task}"] for entry in logs[-3:]) / 3
+        assert last < 0.5 * first, (task, first, last)
+    assert trainer.teachers_unchanged() == {"a": True, "b": True}
+    assert {"kl", "kl/a", "kl/b", "step_time"} <= set(logs[0])
+
+
+def test_the_right_teacher_is_used_for_each_prompt(tmp_path, teacher_dirs):
+    peft_dir, diffusers_file = teacher_dirs
+    trainer = make_trainer(tmp_path, {"a": str(peft_dir), "b": str(diffusers_file)})
+    adapter = trainer.adapter
+    embeds = trainer.encode(PROMPTS)
+    adapter.set_timesteps(4, 32, 32)
+    t = adapter.scheduler.timesteps[1]
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    means = trainer.teacher_means(x, t, embeds, ["a", "b", "b", "a"])
+    from peft import PeftModel
+
+    for task, rows in (("a", [0, 3]), ("b", [1, 2])):
+        # Independent references: PEFT's own loader for the PEFT folder, diffusers' for the diffusers file.
+        reference = tiny_sd3_pipeline()
+        if task == "a":
+            denoiser = PeftModel.from_pretrained(reference.transformer, str(peft_dir))
+        else:
+            reference.load_lora_weights(str(diffusers_file))
+            denoiser = reference.transformer
+        ref_adapter = get_adapter(reference)
+        ref_adapter.set_timesteps(4, 32, 32)
+        velocity = ref_adapter.predict(x, t, ref_adapter.encode_prompts(PROMPTS), 1.0, denoiser=denoiser)
+        expected = sde_step(ref_adapter.scheduler, velocity, t, x, noise_level=0.0).mean
+        torch.testing.assert_close(means[rows], expected[rows], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["analytic", "policy_gradient"])
+def test_sde_trains(tmp_path, teacher_dirs, loss_type):
+    peft_dir, _ = teacher_dirs
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = make_trainer(
+        tmp_path, {"a": str(peft_dir)}, dataset=dataset, noise_level=0.7, loss_type=loss_type, max_steps=20
+    )
+    trainer.train()
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert sum(kls[-3:]) / 3 < 0.6 * sum(kls[:3]) / 3
+
+
+@pytest.mark.parametrize("noise_level, loss_type", [(0.0, "analytic"), (0.7, "analytic"), (0.7, "policy_gradient")])
+def test_fused_and_two_pass_give_the_same_gradient(tmp_path, teacher_dirs, noise_level, loss_type):
+    peft_dir, diffusers_file = teacher_dirs
+    teachers = {"a": str(peft_dir), "b": str(diffusers_file)}
+    rows = [two_task_dataset()[i] for i in range(4)]
+    results = []
+    for schedule in ("fused", "two_pass"):
+        trainer = make_trainer(
+            tmp_path / schedule, teachers, rollout_schedule=schedule, noise_level=noise_level, loss_type=loss_type
+        )
+        results.append(run_one_step(trainer, rows))
+    (loss_fused, grads_fused), (loss_two, grads_two) = results
+    torch.testing.assert_close(loss_fused, loss_two, rtol=1e-5, atol=1e-8)
+    assert grads_fused.keys() == grads_two.keys()
+    for name in grads_fused:
+        torch.testing.assert_close(grads_fused[name], grads_two[name], rtol=1e-4, atol=1e-7)
+
+
+def test_estimators_share_the_analytic_expected_gradient(tmp_path, teacher_dirs):
+    """
+    At a fixed state, the analytic loss's gradient is exact; the two policy-gradient estimators average to it.
+    Tested on the gradient with respect to the student's velocity (the parameters' gradient is a linear map of it).
+    """
+    peft_dir, _ = teacher_dirs
+    dataset = Dataset.from_dict({"prompt": PROMPTS[:1]})
+    trainer = make_trainer(tmp_path, {"a": str(peft_dir)}, dataset=dataset, noise_level=0.7)
+    scheduler = trainer.adapter.scheduler
+    trainer.adapter.set_timesteps(4, 32, 32)
+    t = scheduler.timesteps[1]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=generator)
+    v_student = torch.randn(1, 4, 16, 16, generator=generator)
+    v_teacher = v_student + 0.5 * torch.randn(1, 4, 16, 16, generator=generator)
+    samples = 20000
+    teacher_mean = sde_step(scheduler, v_teacher, t, x, noise_level=0.7, prev_sample=x).mean.expand(
+        samples, -1, -1, -1
+    )
+    grads = {}
+    for loss_type in ("analytic", "policy_gradient", "score_function"):
+        trainer.args.loss_type = loss_type
+        v = v_student.expand(samples, -1, -1, -1).clone().requires_grad_(True)
+        step = sde_step(
+            scheduler, v, t, x.expand(samples, -1, -1, -1), noise_level=0.7, generator=torch.Generator().manual_seed(1)
+        )
+        loss, _ = trainer.step_loss(step, teacher_mean)
+        (loss * samples).backward()
+        grads[loss_type] = v.grad.flatten(1).double()  # one gradient per sampled transition
+    exact = grads["analytic"][0]
+    assert torch.allclose(grads["analytic"], exact.expand_as(grads["analytic"]), rtol=1e-4, atol=1e-8)
+    for loss_type in ("policy_gradient", "score_function"):
+        estimate = grads[loss_type]
+        mean, standard_error = estimate.mean(dim=0), estimate.std(dim=0) / samples**0.5
+        # ||mean - exact||^2 / sum(SE^2) is about 1 for an unbiased estimator (a chi-square over the dimensions).
+        z = ((mean - exact) ** 2).sum() / (standard_error**2).sum()
+        assert z < 1.3, (loss_type, z.item())
+        assert estimate.var(dim=0).sum() > 0  # a real estimator, not the analytic gradient in disguise
+
+
+def test_round_robin_batches_hold_one_task(tmp_path, teacher_dirs):
+    peft_dir, diffusers_file = teacher_dirs
+    trainer = make_trainer(tmp_path, {"a": str(peft_dir), "b": str(diffusers_file)}, task_mixing="round_robin")
+    batches = list(trainer.get_train_dataloader())
+    tasks = [{row["task"] for row in batch} for batch in batches]
+    assert all(len(t) == 1 for t in tasks) and [t.pop() for t in tasks[:2]] == ["a", "b"]
+
+
+def test_teacher_guidance_scale_and_hub_source(tmp_path, teacher_dirs, monkeypatch):
+    """A Hub id resolves through a local cache laid out as the Hub's, with a subfolder and a revision."""
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    peft_dir, _ = teacher_dirs
+    commit = "a" * 40
+    snapshot = tmp_path / "hub" / "models--user--teachers" / "snapshots" / commit / "geneval"
+    shutil.copytree(peft_dir, snapshot)
+    (tmp_path / "hub" / "models--user--teachers" / "refs").mkdir()
+    (tmp_path / "hub" / "models--user--teachers" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = make_trainer(
+        tmp_path, {"geneval": TeacherConfig("user/teachers/geneval@main", guidance_scale=3.0)}, dataset=dataset
+    )
+    teacher = trainer.teachers["geneval"]
+    assert teacher.path == snapshot and teacher.format == "peft"
+    assert trainer.teacher_guidance_scale(teacher) == 3.0
+
+
+def test_errors_name_the_culprit(tmp_path, teacher_dirs):
+    peft_dir, diffusers_file = teacher_dirs
+    with pytest.raises(ValueError, match=r"task\(s\) \['b'\] with no teacher"):
+        make_trainer(tmp_path, {"a": str(peft_dir)})
+    with pytest.raises(ValueError, match="needs a `task` column"):
+        make_trainer(
+            tmp_path, {"a": str(peft_dir), "b": str(diffusers_file)}, dataset=Dataset.from_dict({"prompt": PROMPTS})
+        )
+    with pytest.raises(FileNotFoundError, match="missing_teacher"):
+        make_trainer(tmp_path, {"a": "./missing_teacher", "b": str(diffusers_file)})
+    other = save_random_lora(tiny_sd3_pipeline(num_layers=3), tmp_path / "other", "peft")
+    with pytest.raises(ValueError, match=r"task 'a'\) does not match the pipeline"):
+        make_trainer(tmp_path, {"a": other, "b": str(diffusers_file)})
+    wide = save_random_lora(tiny_sd3_pipeline(), tmp_path / "wide", "diffusers", target_modules=["ff.net.2"])
+    with pytest.raises(ValueError, match="task 'b'"):
+        # A LoRA on layers the pipeline has, but with the wrong shapes, is caught too.
+        state = wide
+        pipe = tiny_sd3_pipeline()
+        pipe.transformer.transformer_blocks[0].ff.net[2] = torch.nn.Linear(7, 32)
+        make_trainer(tmp_path, {"a": str(peft_dir), "b": state}, pipe=pipe)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(loss_type="policy_gradient", noise_level=0.0), "stochastic kernel"),
+        (dict(loss_type="score_function"), "stochastic kernel"),
+        (dict(loss_type="reinforce"), "loss_type"),
+        (dict(rollout_schedule="fused", num_iterations=2), "fused"),
+        (dict(task_mixing="random"), "task_mixing"),
+        (dict(teacher_guidance_scales="{oops"), "JSON"),
+    ],
+)
+def test_invalid_configs_raise_clear_errors(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        opd_args(tmp_path, **overrides)
+
+
+def test_saved_student_loads_in_plain_diffusers_pipeline(tmp_path, teacher_dirs):
+    peft_dir, _ = teacher_dirs
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = make_trainer(tmp_path, {"a": str(peft_dir)}, dataset=dataset, max_steps=3)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "student"))
+    files = set(os.listdir(tmp_path / "student"))
+    assert {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= files
+    state, config, _ = read_lora(tmp_path / "student")
+    assert all("teacher" not in key for key in state) and config.r == 8 and config.lora_alpha == 16
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    adapter = trainer.adapter
+    expected = adapter.predict(x, 500.0, trainer.encode(PROMPTS[:2]), 1.0)
+    fresh = tiny_sd3_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "student"))
+    fresh_adapter = get_adapter(fresh)
+    got = fresh_adapter.predict(x, 500.0, fresh_adapter.encode_prompts(PROMPTS[:2]), 1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Teachers" in card and str(peft_dir) in card
