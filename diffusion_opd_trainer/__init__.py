@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
+from .evaluation import EvaluationCallback, EvaluationResult, evaluate
 from .grpo_config import DiffusionGRPOConfig
 from .grpo_trainer import DiffusionGRPOTrainer
 from .opd_config import DiffusionOPDConfig
@@ -16,9 +17,12 @@ __all__ = [
     "DiffusionGRPOTrainer",
     "DiffusionOPDConfig",
     "DiffusionOPDTrainer",
+    "EvaluationCallback",
+    "EvaluationResult",
     "TeacherConfig",
     "Trajectory",
     "TransitionOutput",
+    "evaluate",
     "rollout",
     "sde_step",
     "step_kl",

@@ -5,22 +5,11 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .rewards import get_reward, reward_name
+
 
 RewardFuncs = Union[Callable, str, Sequence[Union[Callable, str]], Mapping[str, Union[Callable, str]]]
 
-
-def _resolve(func: Union[Callable, str]) -> Callable:
-    if isinstance(func, str):
-        from .rewards import get_reward
-
-        return get_reward(func)
-    if not callable(func):
-        raise TypeError(f"A reward function must be callable or a registered name, got {type(func).__name__}.")
-    return func
-
-
-def _name(func: Callable) -> str:
-    return getattr(func, "name", None) or getattr(func, "__name__", None) or type(func).__name__
 
 
 class RewardSet:
@@ -41,7 +30,7 @@ class RewardSet:
             if not reward_funcs:
                 raise ValueError("`reward_funcs` is an empty dict.")
             self.names = [str(task) for task in reward_funcs]
-            self.funcs = [_resolve(f) for f in reward_funcs.values()]
+            self.funcs = [get_reward(f) for f in reward_funcs.values()]
             if weights is not None:
                 raise ValueError("`reward_weights` cannot be used with a task -> reward dict (one reward per prompt).")
             weights = [1.0] * len(self.funcs)
@@ -49,8 +38,8 @@ class RewardSet:
             funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
             if not funcs:
                 raise ValueError("`reward_funcs` is empty: GRPO needs at least one reward function.")
-            self.funcs = [_resolve(f) for f in funcs]
-            self.names = [_name(f) for f in self.funcs]
+            self.funcs = [get_reward(f) for f in funcs]
+            self.names = [reward_name(f) for f in self.funcs]
             if len(set(self.names)) != len(self.names):
                 # Same-named rewards would share a metric: number them.
                 self.names = [f"{name}_{i}" for i, name in enumerate(self.names)]
