@@ -15,6 +15,7 @@ from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
 
 from .diffusion_config import DiffusionTrainingConfig
 from .ema import LoRAEMA
@@ -51,6 +52,14 @@ class _EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
             self.trainer.ema.step(state.global_step)
+
+
+class _TensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard callback, minus its `model.config.to_json_string()` (diffusers configs lack it)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        kwargs.pop("model", None)
+        super().on_train_begin(args, state, control, **kwargs)
 
 
 class DiffusionTrainerBase(Trainer):
@@ -100,10 +109,12 @@ class DiffusionTrainerBase(Trainer):
         self.lora_config = peft_config
         add_student_adapter(denoiser, peft_config)
         self._upcast_trainable_parameters(denoiser)
-        if args.gradient_checkpointing:
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             # diffusers' own checkpointing; the Trainer's path expects a transformers model.
             denoiser.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
         self._prepare_before_trainer_init(args)
 
         super().__init__(
@@ -122,6 +133,10 @@ class DiffusionTrainerBase(Trainer):
         if args.ema:
             self.ema = LoRAEMA(lora_parameters(denoiser, STUDENT_ADAPTER), args.ema_decay, args.ema_update_interval)
         self.add_callback(_EMACallback(self))
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback:
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(_TensorBoardCallback(callback.tb_writer))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.rollout_generator = torch.Generator(device=self.accelerator.device)
         # Distinct noise per process: a group spread over processes must not repeat the same images.
@@ -188,8 +203,6 @@ class DiffusionTrainerBase(Trainer):
         steps = self.args.log_images_steps
         if not steps or (self.state.global_step % steps) or not self.is_world_process_zero():
             return
-        from transformers.integrations import TensorBoardCallback
-
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 grid = images[:16].detach().float().cpu()

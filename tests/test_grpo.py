@@ -286,3 +286,25 @@ def test_dataset_errors_name_the_problem(tmp_path):
         )
     with pytest.raises(ValueError, match="reward_weights"):
         make_trainer(tmp_path, reward_funcs=[lambda **k: [0.0]], reward_weights=[1.0, 2.0])
+
+
+def test_memory_levers_and_tensorboard_images(tmp_path):
+    """bf16 autocast with the kernel maths in float32, diffusers' gradient checkpointing, rollout images in TensorBoard."""
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=1,
+        bf16=True,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=True,
+        report_to=["tensorboard"],
+        log_images_steps=1,
+    )
+    assert trainer.model.gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["policy_loss"]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "out").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert "rollout/images" in events.Tags()["images"]
