@@ -289,7 +289,7 @@ def test_dataset_errors_name_the_problem(tmp_path):
 
 
 def test_memory_levers_and_tensorboard_images(tmp_path):
-    """bf16 autocast with the kernel maths in float32, diffusers' gradient checkpointing, rollout images in TensorBoard."""
+    """bf16 autocast (kernel maths stay float32), diffusers' gradient checkpointing, rollout images in TensorBoard."""
     trainer = make_trainer(
         tmp_path,
         max_steps=1,
