@@ -159,12 +159,18 @@ def _resolve_rewards(reward_funcs: Any, tasks: Iterable[str]) -> dict[str, list[
 
 def load_lora(pipeline, source: Union[str, os.PathLike], adapter_name: str = EVAL_ADAPTER) -> None:
     """
-    Loads a LoRA into `pipeline` under `adapter_name` (a diffusers-format LoRA file or folder, or a Hub id), with
-    `pipeline.load_lora_weights`. The one place where the harness loads LoRAs: PEFT-format folders can be added here.
+    Loads a LoRA into `pipeline`'s denoiser as the (inactive, frozen) adapter `adapter_name`: a PEFT folder, a
+    diffusers LoRA folder or `.safetensors` file, or a Hub id `owner/repo[/subfolder][@revision]`, read by the same
+    code as the OPD teachers.
     """
-    pipeline.load_lora_weights(
-        os.fspath(source) if isinstance(source, os.PathLike) else source, adapter_name=adapter_name
-    )
+    from .lora import load_adapter, read_lora
+    from .models import get_adapter
+    from .teachers import resolve_source
+
+    family = get_adapter(pipeline)
+    path = resolve_source(source, "Evaluation LoRA")
+    state_dict, config, _ = read_lora(path, family.denoiser_name)
+    load_adapter(family.denoiser, state_dict, config, adapter_name, repr(os.fspath(source)))
 
 
 @contextmanager

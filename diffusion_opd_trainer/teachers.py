@@ -59,12 +59,19 @@ def is_local_source(source: Union[str, os.PathLike]) -> bool:
     )
 
 
-def resolve_source(source: Union[str, os.PathLike], task: str, token=None) -> Path:
-    """The local folder or file of a teacher source, downloading Hub ids (or reading the Hub cache offline)."""
+def resolve_source(source: Union[str, os.PathLike], owner: str, token=None) -> Path:
+    """
+    The local folder or file of a LoRA source, downloading Hub ids (or reading the Hub cache offline).
+
+    Args:
+        source (`str` or `os.PathLike`): a local path or `owner/repo[/subfolder][@revision]`.
+        owner (`str`): who the LoRA is for, named in errors (e.g. "Teacher for task 'ocr'").
+        token (`str` or `bool`, *optional*): a Hub token; never logged.
+    """
     if is_local_source(source):
         path = Path(os.fspath(source)).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"Teacher for task {task!r}: local path {os.fspath(source)!r} does not exist.")
+            raise FileNotFoundError(f"{owner}: local path {os.fspath(source)!r} does not exist.")
         return path
     return download_lora(os.fspath(source), token=token)
 
@@ -73,8 +80,8 @@ def check_local_sources(teachers: dict[str, TeacherSource]) -> None:
     """Raises `FileNotFoundError` for the first local teacher path that does not exist (before any model loads)."""
     for task, source in teachers.items():
         path = _as_config(source).source
-        if is_local_source(path) and not Path(os.fspath(path)).expanduser().exists():
-            raise FileNotFoundError(f"Teacher for task {task!r}: local path {os.fspath(path)!r} does not exist.")
+        if is_local_source(path):
+            resolve_source(path, f"Teacher for task {task!r}")
 
 
 def _as_config(source: TeacherSource) -> TeacherConfig:
@@ -110,7 +117,7 @@ def load_teachers(
     loaded = {}
     for task, source in teachers.items():
         config = _as_config(source)
-        path = resolve_source(config.source, task, token=token)
+        path = resolve_source(config.source, f"Teacher for task {task!r}", token=token)
         state_dict, lora_config, fmt = read_lora(path, denoiser_name)
         adapter_name = f"teacher_{task}"
         load_adapter(denoiser, state_dict, lora_config, adapter_name, f"{os.fspath(config.source)!r} (task {task!r})")

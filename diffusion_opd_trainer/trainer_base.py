@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
@@ -29,7 +29,7 @@ from .lora import (
     lora_parameters,
 )
 from .models import DiffusionAdapter, PromptEmbeddings, get_adapter
-from .rollout import rollout
+from .rewards import reward_name
 from .scoring import RewardSet
 
 
@@ -214,65 +214,71 @@ class DiffusionTrainerBase(Trainer):
         """The rewards `evaluate` scores with (subclasses)."""
         return None
 
-    @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int = 0, batch_size: Optional[int] = None) -> torch.Tensor:
-        """
-        Images of the current policy (the EMA weights when EMA is on) from the deterministic ODE sampler with the
-        evaluation settings; `[B, 3, H, W]` in `[0, 1]`.
-        """
-        args = self.args
-        batch_size = batch_size or args.per_device_eval_batch_size
-        height, width = self.image_size
-        guidance = args.eval_guidance_scale if args.eval_guidance_scale is not None else args.guidance_scale
-        generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
-        images = []
-        context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with context:
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                trajectory = rollout(
-                    self.adapter,
-                    prompt_embeds=self.encode(chunk),
-                    num_inference_steps=args.eval_num_inference_steps,
-                    guidance_scale=guidance,
-                    noise_level=0.0,
-                    height=height,
-                    width=width,
-                    generator=generator,
-                    decode=True,
-                )
-                images.append(trajectory.images.cpu())
-        return torch.cat(images)
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """
         Samples the evaluation prompts with the deterministic ODE sampler (`eval_num_inference_steps`,
-        `eval_guidance_scale`, seed `eval_seed`) and scores them: `<prefix>_reward` and `<prefix>_rewards/<name>/mean`.
+        `eval_guidance_scale`, seeds from `eval_seed`; the EMA weights when EMA is on) through the evaluation harness
+        ([`~evaluation.evaluate`]) and logs `<prefix>_reward` and `<prefix>_rewards/<name>/mean` (with per-task
+        rewards, `<name>` is the task). Runs on the main process; the others wait for its metrics.
         """
+        from .evaluation import evaluate as evaluate_pipeline
+
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("`evaluate` needs an `eval_dataset`.")
         reward_set = self._eval_reward_set()
         if reward_set is None:
             raise ValueError("`evaluate` needs reward functions to score the samples with.")
-        start = time.time()
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        rows = [dataset[i] for i in range(rank, len(dataset), world)]
+        args = self.args
         metrics: dict[str, float] = {}
-        if rows:
-            prompts, columns = self._split_batch(rows)
+        if self.accelerator.is_main_process:
+            start = time.time()
+            if reward_set.routed:
+                tasks = {name: dataset.filter(lambda row, name=name: row["task"] == name) for name in reward_set.names}
+                tasks = {name: rows for name, rows in tasks.items() if len(rows)}
+                reward_funcs = dict(zip(reward_set.names, reward_set.funcs))
+            else:
+                tasks = {"eval": dataset}
+                reward_funcs = list(reward_set.funcs)
+            height, width = self.image_size
             was_training = self.model.training
             self.model.eval()
-            images = self.sample_images(prompts, seed=self.args.eval_seed + rank)
+            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+                result = evaluate_pipeline(
+                    self.pipeline,
+                    tasks,
+                    {task: reward_funcs[task] for task in tasks} if reward_set.routed else reward_funcs,
+                    num_inference_steps=args.eval_num_inference_steps,
+                    guidance_scale=args.guidance_scale
+                    if args.eval_guidance_scale is None
+                    else args.eval_guidance_scale,
+                    height=height,
+                    width=width,
+                    batch_size=args.per_device_eval_batch_size,
+                    seed=args.eval_seed,
+                    negative_prompt=args.negative_prompt,
+                    show_progress=not args.disable_tqdm,
+                )
             self.model.train(was_training)
-            local = reward_set(prompts, images, columns)
-        else:
-            local = torch.empty(0, len(reward_set))
-        rewards = torch.cat([r for r in gather_object([local]) if r.numel()]) if world > 1 else local
-        total = reward_set.total(rewards)
-        metrics[f"{metric_key_prefix}_reward"] = torch.nanmean(total).item()
-        metrics.update(reward_set.metrics(rewards, prefix=f"{metric_key_prefix}_"))
-        metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
+
+            def primary(task: str, func) -> float:
+                # A reward model may report several metrics; its own name is the one it trains with.
+                values = result.metrics[task]
+                return values.get(reward_name(func), next(iter(values.values())))
+
+            if reward_set.routed:
+                means = {task: primary(task, reward_funcs[task]) for task in tasks}
+            else:
+                means = {name: primary("eval", func) for name, func in zip(reward_set.names, reward_set.funcs)}
+            weights = dict(zip(reward_set.names, reward_set.weights.tolist()))
+            for name, value in means.items():
+                metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = value
+            if reward_set.routed:
+                metrics[f"{metric_key_prefix}_reward"] = sum(means.values()) / len(means)
+            else:
+                metrics[f"{metric_key_prefix}_reward"] = sum(weights[name] * value for name, value in means.items())
+            metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
+        metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

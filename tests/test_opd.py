@@ -302,3 +302,44 @@ def test_saved_student_loads_in_plain_diffusers_pipeline(tmp_path, teacher_dirs)
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Teachers" in card and str(peft_dir) in card
+
+
+def test_evaluate_routes_monitoring_rewards_by_task(tmp_path, teacher_dirs):
+    peft_dir, diffusers_file = teacher_dirs
+
+    def bright(prompts, images, **kwargs):
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    def dark(prompts, images, **kwargs):
+        return (1 - images.mean(dim=(1, 2, 3))).tolist()
+
+    trainer = DiffusionOPDTrainer(
+        tiny_sd3_pipeline(),
+        teachers={"a": str(peft_dir), "b": str(diffusers_file)},
+        args=opd_args(tmp_path, eval_num_inference_steps=2),
+        train_dataset=two_task_dataset(),
+        eval_dataset=two_task_dataset(repeat=1),
+        peft_config=LoraConfig(**LORA),
+        eval_reward_funcs={"a": bright, "b": dark},
+    )
+    metrics = trainer.evaluate()
+    a, b = metrics["eval_rewards/a/mean"], metrics["eval_rewards/b/mean"]
+    assert a + b == pytest.approx(1.0, abs=0.05)  # near-identical tiny images, scored bright for a and dark for b
+    assert metrics["eval_reward"] == pytest.approx((a + b) / 2)
+
+
+def test_evaluation_harness_reads_peft_teachers(teacher_dirs):
+    from diffusion_opd_trainer import evaluate
+
+    peft_dir, _ = teacher_dirs
+
+    def mean_pixel(prompts, images, **kwargs):
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    pipe = tiny_sd3_pipeline()
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, show_progress=False)
+    base = evaluate(pipe, PROMPTS, [mean_pixel], **kwargs)
+    with_lora = evaluate(pipe, PROMPTS, [mean_pixel], lora=str(peft_dir), **kwargs)
+    again = evaluate(pipe, PROMPTS, [mean_pixel], **kwargs)
+    assert with_lora.metrics["eval"]["mean_pixel"] != base.metrics["eval"]["mean_pixel"]
+    assert again.metrics == base.metrics  # the LoRA is removed afterwards
