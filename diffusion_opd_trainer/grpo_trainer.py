@@ -16,7 +16,6 @@ from trl.trainer.utils import nanstd
 from .grpo_config import DiffusionGRPOConfig
 from .lora import active_adapter
 from .models import PromptEmbeddings
-from .rollout import rollout
 from .sampling import RolloutBuffer, RolloutSampler
 from .scoring import RewardFuncs, RewardSet
 from .sde import scale_kl, sde_step, step_kl
@@ -114,22 +113,10 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     # ----- rollout and advantages ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _generate_and_score(self, inputs: list[dict[str, Any]]) -> _ScoredRollout:
-        args = self.args
         prompts, columns = self._split_batch(inputs)
         start = time.perf_counter()
         embeds = self.encode(prompts)
-        height, width = self.image_size
-        trajectory = rollout(
-            self.adapter,
-            prompt_embeds=embeds,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            noise_level=args.noise_level,
-            height=height,
-            width=width,
-            generator=self.rollout_generator,
-            decode=True,
-        )
+        trajectory = self.sample_trajectories(embeds, decode=True)
         rollout_time = time.perf_counter() - start
         local_rewards = self.reward_set(prompts, trajectory.images, columns)
         reward_time = time.perf_counter() - start - rollout_time

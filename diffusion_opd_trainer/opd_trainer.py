@@ -14,7 +14,6 @@ from transformers import TrainerCallback
 
 from .models import PromptEmbeddings
 from .opd_config import DiffusionOPDConfig
-from .rollout import rollout
 from .sampling import RolloutBuffer, RolloutSampler
 from .scoring import RewardFuncs, RewardSet
 from .sde import TransitionOutput, gaussian_log_prob, scale_kl, sde_step, step_kl
@@ -265,18 +264,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     def _rollout_with_teachers(self, prompts: list[str], tasks: list[str]) -> _CachedRollout:
         args = self.args
         embeds = self.encode(prompts)
-        height, width = self.image_size
-        with self.compute_loss_context_manager():
-            trajectory = rollout(
-                self.adapter,
-                prompt_embeds=embeds,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                noise_level=args.noise_level,
-                height=height,
-                width=width,
-                generator=self.rollout_generator,
-            )
+        trajectory = self.sample_trajectories(embeds)
         means = {
             j: self.teacher_means(trajectory.latents[:, j], trajectory.timesteps[j], embeds, tasks)
             for j in args.trained_step_indices

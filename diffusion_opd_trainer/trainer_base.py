@@ -30,6 +30,7 @@ from .lora import (
 )
 from .models import DiffusionAdapter, PromptEmbeddings, get_adapter
 from .rewards import reward_name
+from .rollout import Trajectory, rollout
 from .scoring import RewardSet
 
 
@@ -178,6 +179,27 @@ class DiffusionTrainerBase(Trainer):
         prompts = [row["prompt"] for row in inputs]
         columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
         return prompts, columns
+
+    @torch.no_grad()
+    def sample_trajectories(self, embeds: PromptEmbeddings, decode: bool = False) -> Trajectory:
+        """
+        Rolls out the current policy without gradient, with the training kernel (`noise_level`), CFG and schedule,
+        under the same autocast as the training forwards (so a recomputed log-prob matches the stored one).
+        """
+        args = self.args
+        height, width = self.image_size
+        with self.compute_loss_context_manager():
+            return rollout(
+                self.adapter,
+                prompt_embeds=embeds,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                noise_level=args.noise_level,
+                height=height,
+                width=width,
+                generator=self.rollout_generator,
+                decode=decode,
+            )
 
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
         """The prompts' embeddings (each distinct prompt encoded once per run) with the CFG negative prompt."""
