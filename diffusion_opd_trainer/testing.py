@@ -6,6 +6,7 @@ diffusers classes (`StableDiffusion3Pipeline`, `StableDiffusionPipeline`), so ev
 SD 1.5 runs on them unchanged.
 """
 
+import contextlib
 from collections.abc import Iterable
 from typing import Optional
 
@@ -35,6 +36,9 @@ __all__ = [
     "SD3_LORA_TARGET_MODULES",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
+    "save_random_lora",
+    "seeded",
+    "tiny_clip_text_config",
     "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
 ]
@@ -130,7 +134,18 @@ def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: i
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _clip_text_config(vocab_size: int, hidden_size: int, projection_dim: int, max_positions: int) -> CLIPTextConfig:
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seeds torch's global generator inside the block; the caller's random state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_clip_text_config(
+    vocab_size: int, hidden_size: int = 16, projection_dim: int = 16, max_positions: int = 16
+) -> CLIPTextConfig:
+    """A 2-layer, 2-head CLIP text config (GELU), `2 * hidden_size` wide in its MLP."""
     return CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=1,
@@ -195,10 +210,8 @@ def tiny_sd3_pipeline(
     clip_tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
     clip_tokenizer_2 = build_clip_tokenizer(words, model_max_length=text_max_length)
     t5_tokenizer = build_t5_tokenizer(words, model_max_length=text_max_length)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        clip_config = _clip_text_config(len(clip_tokenizer), 16, 16, text_max_length)
+    with seeded(seed):
+        clip_config = tiny_clip_text_config(len(clip_tokenizer), 16, 16, text_max_length)
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
         t5_config = T5Config(
@@ -231,8 +244,6 @@ def tiny_sd3_pipeline(
         vae = _tiny_vae(
             4, resolution, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -269,10 +280,8 @@ def tiny_sd_pipeline(
         dtype (`torch.dtype`, defaults to `torch.float32`): the dtype of every module.
     """
     tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer), 16, 16, text_max_length))
+    with seeded(seed):
+        text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer), 16, 16, text_max_length))
         unet = UNet2DConditionModel(
             sample_size=resolution // 2,
             in_channels=4,
@@ -286,8 +295,6 @@ def tiny_sd_pipeline(
             norm_num_groups=4,
         )
         vae = _tiny_vae(4, resolution)
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

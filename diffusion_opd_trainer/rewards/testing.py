@@ -7,13 +7,11 @@ weights, and processors made in code. Nothing is downloaded.
 from collections.abc import Iterable
 from typing import Optional
 
-import torch
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
-    CLIPTextConfig,
     CLIPVisionConfig,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
@@ -28,25 +26,11 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from ..testing import DEFAULT_WORDS, build_clip_tokenizer
+from ..testing import DEFAULT_WORDS, build_clip_tokenizer, seeded, tiny_clip_text_config
 from .geneval import COLORS, GENEVAL_CLASSES
 
 
 __all__ = ["build_byte_level_tokenizer", "tiny_clip", "tiny_mask2former", "tiny_trocr"]
-
-
-class _seeded:
-    """Seeds torch's global generator inside the block and restores its state afterwards."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)
 
 
 def tiny_clip(
@@ -66,17 +50,7 @@ def tiny_clip(
     if words is None:
         words = list(DEFAULT_WORDS) + list(COLORS) + [w for name in GENEVAL_CLASSES for w in name.split()] + ["object"]
     tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=text_max_length,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    text_config = tiny_clip_text_config(len(tokenizer), max_positions=text_max_length)
     vision_config = CLIPVisionConfig(
         hidden_size=16,
         intermediate_size=32,
@@ -86,7 +60,7 @@ def tiny_clip(
         patch_size=8,
     )
     config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=16)
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPModel(config).eval()
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -130,7 +104,7 @@ def tiny_mask2former(
         id2label=dict(enumerate(coco_names)),
         label2id={name: i for i, name in enumerate(coco_names)},
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = Mask2FormerForUniversalSegmentation(config).eval()
     processor = Mask2FormerImageProcessorPil(
         size={"shortest_edge": image_size, "longest_edge": image_size}, size_divisor=32
@@ -194,7 +168,7 @@ def tiny_trocr(seed: int = 0, image_size: int = 32) -> tuple[VisionEncoderDecode
     config.decoder_start_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    with _seeded(seed):
+    with seeded(seed):
         model = VisionEncoderDecoderModel(config=config).eval()
     image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
     return model, TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
