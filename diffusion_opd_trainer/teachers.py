@@ -120,8 +120,9 @@ def load_teachers(
         path = resolve_source(config.source, f"Teacher for task {task!r}", token=token)
         state_dict, lora_config, fmt = read_lora(path, denoiser_name)
         adapter_name = f"teacher_{task}"
-        load_adapter(denoiser, state_dict, lora_config, adapter_name, f"{os.fspath(config.source)!r} (task {task!r})")
+        # Read before injecting: PEFT overwrites the config's base model with the denoiser's own name.
         teacher_base = lora_config.base_model_name_or_path
+        load_adapter(denoiser, state_dict, lora_config, adapter_name, f"{os.fspath(config.source)!r} (task {task!r})")
         if base_model and teacher_base and os.path.basename(str(teacher_base)) != os.path.basename(str(base_model)):
             logger.warning(
                 "Teacher for task %r was trained on %r but the pipeline is %r: its LoRA may not transfer.",

@@ -113,6 +113,10 @@ def test_two_teachers_two_formats_each_task_kl_falls(tmp_path, teacher_dirs):
         last = sum(entry[f"kl/{task}"] for entry in logs[-3:]) / 3
         assert last < 0.5 * first, (task, first, last)
     assert trainer.teachers_unchanged() == {"a": True, "b": True}
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    teacher_params = [p for name, p in trainer.model.named_parameters() if ".teacher_" in name]
+    assert teacher_params and not any(id(p) in optimized for p in teacher_params)
+    assert not any(p.requires_grad for p in teacher_params)
     assert {"kl", "kl/a", "kl/b", "step_time"} <= set(logs[0])
 
 
@@ -343,3 +347,20 @@ def test_evaluation_harness_reads_peft_teachers(teacher_dirs):
     again = evaluate(pipe, PROMPTS, [mean_pixel], **kwargs)
     assert with_lora.metrics["eval"]["mean_pixel"] != base.metrics["eval"]["mean_pixel"]
     assert again.metrics == base.metrics  # the LoRA is removed afterwards
+
+
+def test_teacher_of_another_base_model_gets_a_warning(tmp_path, teacher_dirs, caplog):
+    import json
+    import shutil
+
+    peft_dir, _ = teacher_dirs
+    foreign = tmp_path / "foreign"
+    shutil.copytree(peft_dir, foreign)
+    config = json.loads((foreign / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "black-forest-labs/FLUX.1-dev"
+    (foreign / "adapter_config.json").write_text(json.dumps(config))
+    pipe = tiny_sd3_pipeline()
+    pipe.register_to_config(_name_or_path="stabilityai/stable-diffusion-3.5-medium")
+    with caplog.at_level("WARNING", logger="diffusion_opd_trainer.teachers"):
+        make_trainer(tmp_path, {"a": str(foreign)}, dataset=Dataset.from_dict({"prompt": PROMPTS}), pipe=pipe)
+    assert "FLUX.1-dev" in caplog.text and "task 'a'" in caplog.text
