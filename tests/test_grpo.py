@@ -254,6 +254,7 @@ def test_push_to_hub_uploads_lora_and_model_card(tmp_path, monkeypatch):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "library_name: diffusers" in card and "pattern_reward" in card and "load_lora_weights" in card
     assert "secret" not in card
+    assert "secret" not in (tmp_path / "out" / "training_args.json").read_text()  # the token is never written
 
 
 @pytest.mark.parametrize(
