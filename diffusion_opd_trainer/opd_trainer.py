@@ -210,13 +210,25 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         prompts, columns = self._split_batch(inputs)
         tasks = self._tasks_of(columns, len(prompts))
         if self.args.fused:
-            loss, kls = self._fused_step(model, self.encode(prompts), tasks)
+            loss, kls, final_latents = self._fused_step(model, self.encode(prompts), tasks)
         else:
-            cached, _ = self._buffer.get(lambda: self._rollout_with_teachers(prompts, tasks), self.state.global_step)
+            cached, fresh = self._buffer.get(
+                lambda: self._rollout_with_teachers(prompts, tasks), self.state.global_step
+            )
             loss, kls = self._train_on_rollout(model, cached)
+            final_latents = cached.latents[:, -1] if fresh else None
         self._record_kl(kls, tasks)
+        if self.eval_reward_set is not None and final_latents is not None:
+            self._record_proxy_rewards(final_latents, prompts, columns)
         self._record("train", step_time=time.perf_counter() - start)
         return loss
+
+    @torch.no_grad()
+    def _record_proxy_rewards(self, final_latents: torch.Tensor, prompts: list[str], columns: dict) -> None:
+        """Scores the rollout's images with `eval_reward_funcs` (monitoring only: they never enter the loss)."""
+        images = self.adapter.decode(final_latents)
+        rewards = self.eval_reward_set(prompts, images, columns)
+        self._record("train", **self.eval_reward_set.metrics(rewards))
 
     def _fused_step(self, model, embeds: PromptEmbeddings, tasks: list[str]):
         """Roll out and train in one pass: the student's rollout forward carries the gradient."""
@@ -258,7 +270,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
                 self.accelerator.backward(loss * scale)
             total += loss.detach() * scale
             x = step.prev_sample.detach()
-        return total, kls
+        return total, kls, x
 
     @torch.no_grad()
     def _rollout_with_teachers(self, prompts: list[str], tasks: list[str]) -> _CachedRollout:

@@ -326,6 +326,8 @@ def test_evaluate_routes_monitoring_rewards_by_task(tmp_path, teacher_dirs):
         peft_config=LoraConfig(**LORA),
         eval_reward_funcs={"a": bright, "b": dark},
     )
+    trainer.train()
+    assert {"rewards/a/mean", "rewards/b/mean"} <= set(trainer.state.log_history[0])  # proxy rewards of rollouts
     metrics = trainer.evaluate()
     a, b = metrics["eval_rewards/a/mean"], metrics["eval_rewards/b/mean"]
     assert a + b == pytest.approx(1.0, abs=0.05)  # near-identical tiny images, scored bright for a and dark for b
