@@ -83,7 +83,7 @@ def main():
                 variance = grads.var(dim=0).sum().item()
                 cosine = torch.nn.functional.cosine_similarity(grads.mean(dim=0), analytic_mean, dim=0).item()
                 print(
-                    f"| {noise} | {loss_type} | {variance:.3e} | {variance / analytic_var:.1f} | {cosine:.3f} |",
+                    f"| {noise} | {loss_type} | {variance:.3e} | {variance / analytic_var:.4g} | {cosine:.3f} |",
                     flush=True,
                 )
 
