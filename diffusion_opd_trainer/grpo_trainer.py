@@ -183,7 +183,8 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             x, x_next, t = batch.latents[:, j], batch.latents[:, j + 1], batch.timesteps[j]
             reference_mean = None
             if args.beta > 0:
-                with torch.no_grad(), active_adapter(self.unwrapped_denoiser, None):
+                reference = active_adapter(self.unwrapped_denoiser, None)
+                with torch.no_grad(), reference, self.compute_loss_context_manager():
                     v_ref = self.adapter.predict(x, t, batch.prompt_embeds, args.guidance_scale)
                     reference_mean = sde_step(
                         scheduler, v_ref, t, x, noise_level=args.noise_level, prev_sample=x_next
