@@ -24,9 +24,9 @@ BASE_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_
 
 # The toy model's sampling defaults (ODE): what its reported rewards were measured with. The scheduler's shift is
 # also stored in the bundled scheduler config.
-DEFAULT_NUM_INFERENCE_STEPS = 20
+DEFAULT_NUM_INFERENCE_STEPS = 10
 DEFAULT_GUIDANCE_SCALE = 3.0
-DEFAULT_SHIFT = 1.0
+DEFAULT_SHIFT = 3.0
 
 
 def load_pipeline(

@@ -1,8 +1,8 @@
 """The toy world's renderer: specs to small RGB images.
 
 Shapes are drawn four times larger and box-filtered down (anti-aliased edges, like a real image), on integer pixel
-positions so that squares stay square. Glyphs are drawn pixel-exact at an integer scale: at 32 px a glyph is 6x10
-pixels with 2-pixel strokes, large enough to survive the VAE's 2x downsampling.
+positions so that squares stay square. Glyphs are drawn pixel-exact at an integer scale, centred: at 32 px a glyph is
+6x10 pixels with 2-pixel strokes, large enough to survive the VAE's 2x downsampling.
 """
 
 import json
@@ -31,16 +31,17 @@ def _to_uint8(color: Sequence[float]) -> tuple[int, ...]:
 
 
 def _object_size_range(num_objects: int, resolution: int) -> tuple[int, int]:
-    # In pixels at 32 px: 8-10 for one or two objects, 7-9 when up to four must fit without touching.
+    # In pixels at 32 px: 10-12 for one or two objects, 8-10 for three and 7-9 for four (so that they fit without
+    # touching). Shapes much smaller than this blur into the same blob after the VAE and a small model.
     unit = resolution / 32
-    low, high = (8, 10) if num_objects <= 2 else (7, 9)
+    low, high = {1: (10, 12), 2: (10, 12), 3: (8, 10)}.get(num_objects, (7, 9))
     return int(round(low * unit)), int(round(high * unit))
 
 
 def _place(
     sizes: list[int], rng: np.random.Generator, resolution: int, relation: Optional[str] = None
-) -> list[tuple[int, int]]:
-    """Top-left corners of non-touching boxes; with `relation`, box 0 stands in that relation to box 1."""
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Top-left corners and sizes of non-touching square boxes; with `relation`, box 0 stands so to box 1."""
     margin, gap = max(1, resolution // 32), max(2, resolution // 16)
     for _ in range(1000):
         corners = [
@@ -57,7 +58,9 @@ def _place(
             for b in boxes[i + 1 :]
         )
         if apart and (relation is None or _relation_holds(boxes[0], boxes[1], relation, resolution)):
-            return corners
+            return corners, sizes
+    if min(sizes) > 4:  # a crowded draw: retry with smaller shapes rather than fail
+        return _place([s - 1 for s in sizes], rng, resolution, relation)
     raise RuntimeError(f"Could not place {len(sizes)} objects at {resolution} px.")
 
 
@@ -100,7 +103,7 @@ def _draw_objects(image: np.ndarray, spec: dict, rng: np.random.Generator) -> np
     instances = [(obj["color"], obj["shape"]) for obj in spec["objects"] for _ in range(obj.get("count", 1))]
     low, high = _object_size_range(len(instances), resolution)
     sizes = [int(rng.integers(low, high + 1)) for _ in instances]
-    corners = _place(sizes, rng, resolution, spec.get("relation"))
+    corners, sizes = _place(sizes, rng, resolution, spec.get("relation"))
     k = _SUPERSAMPLE
     canvas = Image.fromarray((image * 255).round().astype(np.uint8)).resize((resolution * k,) * 2, Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
@@ -117,15 +120,13 @@ def _draw_objects(image: np.ndarray, spec: dict, rng: np.random.Generator) -> np
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
-def _draw_text(image: np.ndarray, text: str, rng: np.random.Generator) -> np.ndarray:
+def _draw_text(image: np.ndarray, text: str) -> np.ndarray:
+    # Centred, always at the same place for a given length: the model has to learn the glyphs, not a layout.
     resolution = image.shape[0]
     scale = max(1, resolution // 16)
     width = len(text) * (GLYPH_WIDTH + 1) * scale - scale
     height = GLYPH_HEIGHT * scale
-    jitter_x = min(3 * scale // 2, (resolution - width) // 2 - scale)
-    jitter_y = 2 * scale
-    x0 = (resolution - width) // 2 + int(rng.integers(-jitter_x, jitter_x + 1))
-    y0 = (resolution - height) // 2 + int(rng.integers(-jitter_y, jitter_y + 1))
+    x0, y0 = (resolution - width) // 2, (resolution - height) // 2
     for i, letter in enumerate(text):
         ink = np.kron(GLYPHS[letter], np.ones((scale, scale), dtype=np.float32)).astype(bool)
         x = x0 + i * (GLYPH_WIDTH + 1) * scale
@@ -159,7 +160,7 @@ def render_spec(
         rng = np.random.default_rng(spec.get("seed", 0))
     image = _background(spec, background, rng, resolution)
     if spec["task"] == "text":
-        return _draw_text(image, spec["text"], rng)
+        return _draw_text(image, spec["text"])
     return _draw_objects(image, spec, rng)
 
 
