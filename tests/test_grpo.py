@@ -299,6 +299,7 @@ def test_memory_levers_and_tensorboard_images(tmp_path):
         gradient_checkpointing=True,
         report_to=["tensorboard"],
         log_images_steps=1,
+        beta=0.04,
     )
     assert trainer.model.gradient_checkpointing
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
@@ -306,6 +307,7 @@ def test_memory_levers_and_tensorboard_images(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["policy_loss"]))
     # The rollout runs under the same autocast as the update, so the on-policy ratio stays exactly 1 in bf16.
     assert trainer.state.log_history[0]["ratio"] == 1.0
+    assert trainer.state.log_history[0]["kl"] == 0.0  # reference and policy passes share the autocast
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp_path / "out").rglob("events.out.tfevents*")).parent))
