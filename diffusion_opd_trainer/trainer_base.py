@@ -301,7 +301,8 @@ class DiffusionTrainerBase(Trainer):
                 metrics[f"{metric_key_prefix}_reward"] = sum(weights[name] * value for name, value in means.items())
             metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
         metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
-        self.log(metrics)
+        # Trainer.log directly: our `log` would fold (and clear) the pending training metrics into this entry.
+        Trainer.log(self, metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

@@ -313,3 +313,22 @@ def test_memory_levers_and_tensorboard_images(tmp_path):
     events = EventAccumulator(str(next((tmp_path / "out").rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert "rollout/images" in events.Tags()["images"]
+
+
+def test_evaluation_during_training_keeps_train_metrics_apart(tmp_path):
+    pipe = tiny_sd3_pipeline()
+    trainer = DiffusionGRPOTrainer(
+        pipe,
+        reward_funcs=make_pattern_reward(pipe),
+        args=grpo_args(
+            tmp_path, max_steps=2, logging_steps=2, eval_strategy="steps", eval_steps=1, eval_num_inference_steps=2
+        ),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+        peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_reward" in entry]
+    trains = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert len(evals) == 2 and len(trains) == 1  # an evaluation at step 1, before the first training log
+    assert all("reward" not in entry for entry in evals)
