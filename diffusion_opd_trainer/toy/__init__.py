@@ -8,10 +8,13 @@ aesthetic-like preference) at 32x32 pixels, with a renderer, procedural rewards 
 ```python
 from diffusion_opd_trainer import toy
 
-pipe = toy.load_pipeline()
-dataset = toy.prompts("compositional", "test")
-rewards = toy.reward_funcs()["compositional"](prompts=dataset["prompt"], images=toy.render(dataset), **dataset[:])
+pipe = toy.load_pipeline()  # a StableDiffusion3Pipeline, 32x32 images
+dataset = toy.prompts("compositional", "test")  # columns: prompt, task, category, metadata
+reward = toy.reward_funcs()["compositional"]
+scores = reward(prompts=list(dataset["prompt"]), images=toy.render(dataset), metadata=list(dataset["metadata"]))
 ```
+
+See `docs/toy_world.md` for the world, the rewards and the base model's measured figures.
 """
 
 from .model import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline

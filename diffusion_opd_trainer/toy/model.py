@@ -97,7 +97,7 @@ def sample(
         resolution // adapter.vae_scale_factor,
         resolution // adapter.vae_scale_factor,
     )
-    images = []
+    prompts, images = list(prompts), []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         noise = torch.stack(
@@ -146,8 +146,9 @@ def evaluate_pipeline(
         dataset = prompts(task, split)
         if max_prompts is not None:
             dataset = dataset.select(range(min(max_prompts, len(dataset))))
-        images = sample(pipe, dataset["prompt"], num_inference_steps, guidance_scale, seed)
-        rewards = funcs[task](prompts=dataset["prompt"], images=images, metadata=dataset["metadata"])
+        prompt_list, metadata = list(dataset["prompt"]), list(dataset["metadata"])
+        images = sample(pipe, prompt_list, num_inference_steps, guidance_scale, seed)
+        rewards = funcs[task](prompts=prompt_list, images=images, metadata=metadata)
         results[task] = float(np.mean(rewards))
         logger.info("%s: mean %s reward %.3f over %d prompts", split, task, results[task], len(dataset))
     return results

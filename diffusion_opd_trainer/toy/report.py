@@ -53,7 +53,7 @@ def measure(
         dataset = prompts(task, split)
         if max_prompts is not None:
             dataset = dataset.select(range(min(max_prompts, len(dataset))))
-        columns = {"prompts": dataset["prompt"], "metadata": dataset["metadata"]}
+        columns = {"prompts": list(dataset["prompt"]), "metadata": list(dataset["metadata"])}
         truth = render(dataset)
         results["renderer"][task] = float(np.mean(funcs[task](images=truth, **columns)))
         # A derangement-free shuffle is not needed: with 40+ prompts a fixed point is rare and only raises chance.
@@ -61,7 +61,7 @@ def measure(
         results["shuffled"][task] = float(np.mean(funcs[task](images=truth[order], **columns)))
         results["renderer_preference"][task] = float(np.mean(funcs["preference"](images=truth)))
         if pipe is not None:
-            images = sample(pipe, dataset["prompt"], num_inference_steps, guidance_scale, seed)
+            images = sample(pipe, columns["prompts"], num_inference_steps, guidance_scale, seed)
             results["model"][task] = float(np.mean(funcs[task](images=images, **columns)))
     return results
 
@@ -90,9 +90,10 @@ def sample_sheet(
     for task in TASKS:
         dataset = prompts(task, split).select(range(per_task))
         truth = render(dataset)
-        images = sample(pipe, dataset["prompt"], num_inference_steps, guidance_scale, seed)
-        scores = funcs[task](prompts=dataset["prompt"], images=images, metadata=dataset["metadata"])
-        rows += [(task, p, t, s, r) for p, t, s, r in zip(dataset["prompt"], truth, images, scores)]
+        prompt_list = list(dataset["prompt"])
+        images = sample(pipe, prompt_list, num_inference_steps, guidance_scale, seed)
+        scores = funcs[task](prompts=prompt_list, images=images, metadata=list(dataset["metadata"]))
+        rows += [(task, p, t, s, r) for p, t, s, r in zip(prompt_list, truth, images, scores)]
 
     size = truth.shape[-1] * zoom
     text_width, pad = 330, 6

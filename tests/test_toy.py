@@ -1,0 +1,139 @@
+"""The toy world: prompt sets, renderer, rewards, the bundled base model and its training script."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_opd_trainer import toy
+from diffusion_opd_trainer.toy.rewards import detect_objects, edit_distance, preference_scores, read_text
+
+
+torch.set_num_threads(1)
+
+# The base model's per-task mean reward on the first BAND_PROMPTS test prompts of each task (ODE, the toy's default
+# steps and guidance, seed 0): the bands reported in docs/toy_world.md, between chance and the renderer.
+BAND_PROMPTS = 24
+BASE_MODEL_BANDS = {"compositional": (0.15, 0.4), "text": (0.25, 0.6), "preference": (0.55, 0.85)}
+
+
+def _score(task, images, dataset, with_metadata=True):
+    columns = {"metadata": list(dataset["metadata"])} if with_metadata else {}
+    return np.array(toy.reward_funcs()[task](prompts=list(dataset["prompt"]), images=images, **columns))
+
+
+def test_public_interface():
+    assert toy.TASKS == ("compositional", "text", "preference")
+    funcs = toy.reward_funcs()
+    assert set(funcs) == set(toy.TASKS)
+    assert {task: f.__name__ for task, f in funcs.items()} == {task: task for task in toy.TASKS}
+
+
+@pytest.mark.parametrize("task", ["compositional", "text", "preference"])
+def test_prompt_sets_are_disjoint_deterministic_and_parseable(task):
+    train, test = toy.prompts(task, "train"), toy.prompts(task, "test")
+    assert {"prompt", "task", "category", "metadata"} <= set(train.column_names)
+    assert len(test) >= 40 and len(train) > 5 * len(test)
+    assert not set(train["prompt"]) & set(test["prompt"])
+    assert set(train["task"]) == {task}
+    assert list(toy.prompts(task, "test")["metadata"]) == list(test["metadata"])
+    for row in test:
+        spec = json.loads(row["metadata"])
+        parsed = toy.parse_prompt(row["prompt"])
+        assert toy.caption(parsed) == row["prompt"]
+        assert {k: spec[k] for k in parsed} == parsed
+    assert set(toy.prompts(None, "test")["task"]) == set(toy.TASKS)
+
+
+def test_prompts_fit_the_text_encoders():
+    pipe_tokens = 12  # the toy pipeline's CLIP and T5 length
+    from diffusion_opd_trainer.testing import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(toy.VOCABULARY, model_max_length=pipe_tokens)
+    for task in toy.TASKS:
+        for prompt in list(toy.prompts(task, "train")["prompt"]) + list(toy.prompts(task, "test")["prompt"]):
+            assert len(tokenizer(prompt).input_ids) <= pipe_tokens, prompt
+
+
+@pytest.mark.parametrize("task", ["compositional", "text", "preference"])
+def test_renderer_scores_high_and_shuffled_pairs_low(task):
+    dataset = toy.prompts(task, "test")
+    images = toy.render(dataset)
+    assert images.shape == (len(dataset), 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, toy.render(dataset))  # a row always renders the same image
+    scores = _score(task, images, dataset)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert scores.mean() >= 0.9
+    # The rewards also work from the prompt alone.
+    np.testing.assert_allclose(_score(task, images, dataset, with_metadata=False), scores)
+    if task != "preference":  # the preference reward ignores the prompt
+        shuffled = _score(task, images[np.random.default_rng(0).permutation(len(dataset))], dataset)
+        assert shuffled.mean() <= 0.25 and shuffled.mean() < scores.mean() - 0.6
+
+
+def test_preference_conflicts_with_white_backgrounds():
+    for task in ("compositional", "text"):
+        assert np.mean(toy.preference_reward(images=toy.render(toy.prompts(task, "test")))) < 0.3
+    # Smooth and bounded: noise and flat images score low, and gradients flow.
+    assert preference_scores(torch.rand(4, 3, 32, 32)).max() < 0.5
+    assert preference_scores(torch.full((2, 3, 32, 32), 0.5)).max() < 0.05
+    images = toy.render(toy.prompts("preference", "test").select(range(4))).requires_grad_(True)
+    preference_scores(images).sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_detector_and_ocr_read_the_renderer():
+    spec = {"task": "compositional", "objects": [{"color": "red", "shape": "triangle", "count": 2}], "seed": 3}
+    found = detect_objects(toy.render([spec])[0])
+    assert [(o["color"], o["shape"]) for o in found] == [("red", "triangle")] * 2
+    for text in ("c", "zx", "kfs", "jtt"):
+        image = toy.render([{"task": "text", "text": text, "seed": 1}])[0]
+        assert read_text(image) == text
+    assert read_text(torch.ones(3, 32, 32)) == ""
+    assert edit_distance("kfs", "kts") == 1 and edit_distance("", "abc") == 3
+    # A prompt outside the grammar scores 0 rather than failing.
+    assert toy.reward_funcs()["compositional"](prompts=["a dog"], images=torch.ones(1, 3, 32, 32)) == [0.0]
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    return toy.load_pipeline()
+
+
+def test_base_model_loads_offline(base_pipe, monkeypatch):
+    from diffusers import StableDiffusion3Pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert isinstance(base_pipe, StableDiffusion3Pipeline)
+    assert base_pipe.default_sample_size * base_pipe.vae_scale_factor == toy.DEFAULT_RESOLUTION
+    image = base_pipe(
+        "two red circles", num_inference_steps=2, guidance_scale=toy.DEFAULT_GUIDANCE_SCALE, output_type="np"
+    ).images
+    assert image.shape == (1, 32, 32, 3)
+    weights = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(toy.model.BASE_MODEL_DIR)
+        for name in names
+        if not name.endswith((".json", ".txt", ".model"))
+    ]
+    assert weights and all(name.endswith(".safetensors") for name in weights)
+    assert sum(os.path.getsize(name) for name in weights) <= 20 * 2**20
+
+
+def test_base_model_is_mediocre(base_pipe):
+    # Between chance and the renderer on every task (the RL headroom), in the bands the docs report.
+    rewards = toy.model.evaluate_pipeline(base_pipe, max_prompts=BAND_PROMPTS)
+    for task, (low, high) in BASE_MODEL_BANDS.items():
+        assert low <= rewards[task] <= high, (task, rewards[task])
+
+
+def test_training_script_smoke(tmp_path):
+    from diffusion_opd_trainer.toy.train_base import main
+
+    summary = main(["--output_dir", str(tmp_path), "--smoke", "--eval_prompts_per_task", "0"])
+    assert summary["size_bytes"] > 0
+    pipe = toy.load_pipeline(str(tmp_path))
+    assert pipe.default_sample_size * pipe.vae_scale_factor == toy.DEFAULT_RESOLUTION
