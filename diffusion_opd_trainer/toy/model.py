@@ -48,7 +48,7 @@ def load_pipeline(
         ```python
         >>> from diffusion_opd_trainer import toy
         >>> pipe = toy.load_pipeline()
-        >>> image = pipe("two red circles", num_inference_steps=20, guidance_scale=3.0).images[0]  # 32x32 PIL image
+        >>> image = pipe("two red circles", num_inference_steps=10, guidance_scale=3.0).images[0]  # 32x32 PIL image
         ```
     """
     from diffusers import StableDiffusion3Pipeline

@@ -22,7 +22,6 @@ __all__ = ["DEFAULT_RESOLUTION", "BACKGROUND_STYLES", "render", "render_spec"]
 DEFAULT_RESOLUTION = 32
 BACKGROUND_STYLES = ("white", "pastel", "vivid")
 _SUPERSAMPLE = 4
-_WHITE = (1.0, 1.0, 1.0)
 _INK = (0.0, 0.0, 0.0)
 
 

@@ -56,7 +56,7 @@ def measure(
         columns = {"prompts": list(dataset["prompt"]), "metadata": list(dataset["metadata"])}
         truth = render(dataset)
         results["renderer"][task] = float(np.mean(funcs[task](images=truth, **columns)))
-        # A derangement-free shuffle is not needed: with 40+ prompts a fixed point is rare and only raises chance.
+        # A plain permutation, not a derangement: the few rows that keep their own image raise chance only slightly.
         order = np.random.default_rng(seed).permutation(len(dataset))
         results["shuffled"][task] = float(np.mean(funcs[task](images=truth[order], **columns)))
         results["renderer_preference"][task] = float(np.mean(funcs["preference"](images=truth)))

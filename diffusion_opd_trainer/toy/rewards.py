@@ -216,7 +216,6 @@ compositional_reward.__name__ = "compositional"
 
 
 # ----- text ----------------------------------------------------------------------------------------------------------
-_TEMPLATES = {letter: glyph for letter, glyph in GLYPHS.items()}
 # A cell matches a glyph when their mean absolute difference is below this (glyphs differ in >= 5 of 15 cells, 0.33).
 _MATCH_THRESHOLD = 0.25
 
@@ -272,7 +271,7 @@ def read_text(image) -> str:
             if cell.shape[1] < 1:
                 continue
             grid = _resample(cell, GLYPH_HEIGHT, GLYPH_WIDTH)
-            distances = {letter: np.abs(grid - glyph).mean() for letter, glyph in _TEMPLATES.items()}
+            distances = {letter: np.abs(grid - glyph).mean() for letter, glyph in GLYPHS.items()}
             letter = min(distances, key=distances.get)
             text.append(letter if distances[letter] < _MATCH_THRESHOLD else "?")
     return "".join(text)

@@ -234,7 +234,7 @@ def prompts(task: Union[str, None] = None, split: str = "train"):
         ```python
         >>> from diffusion_opd_trainer import toy
         >>> toy.prompts("text", "test")[0]["prompt"]
-        'the text "..."'
+        'the text "csf"'
         ```
     """
     from datasets import Dataset
