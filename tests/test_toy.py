@@ -113,6 +113,12 @@ def test_base_model_loads_offline(base_pipe, monkeypatch):
         "two red circles", num_inference_steps=2, guidance_scale=toy.DEFAULT_GUIDANCE_SCALE, output_type="np"
     ).images
     assert image.shape == (1, 32, 32, 3)
+    # A plain call (T5 padded to 256 by default) samples what the model was trained for: 12 T5 tokens.
+    images = [
+        base_pipe('the text "kfz"', num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs)
+        for kwargs in ({}, {"max_sequence_length": 12})
+    ]
+    assert np.array_equal(np.asarray(images[0].images[0]), np.asarray(images[1].images[0]))
     weights = [
         os.path.join(root, name)
         for root, _, names in os.walk(toy.model.BASE_MODEL_DIR)
