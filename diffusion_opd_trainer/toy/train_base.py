@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from ..testing import build_clip_tokenizer, build_t5_tokenizer
+from ..testing import build_clip_tokenizer, build_t5_tokenizer, tiny_clip_text_config
 from .model import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SHIFT, evaluate_pipeline
 from .render import DEFAULT_RESOLUTION, render_spec
 from .world import TASKS, VOCABULARY, caption, specs
@@ -127,18 +127,8 @@ def build_pipeline(config: TrainBaseConfig) -> StableDiffusion3Pipeline:
     tokenizer = build_clip_tokenizer(words, model_max_length=TEXT_MAX_LENGTH)
     tokenizer_2 = build_clip_tokenizer(words, model_max_length=TEXT_MAX_LENGTH)
     tokenizer_3 = build_t5_tokenizer(words, model_max_length=TEXT_MAX_LENGTH)
-    clip_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=TEXT_MAX_LENGTH,
-        projection_dim=32,
-        hidden_act="gelu",
+    clip_config = tiny_clip_text_config(
+        len(tokenizer), hidden_size=32, projection_dim=32, max_positions=TEXT_MAX_LENGTH
     )
     text_encoder = CLIPTextModelWithProjection(clip_config)
     text_encoder_2 = CLIPTextModelWithProjection(clip_config)
