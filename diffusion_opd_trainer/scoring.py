@@ -11,7 +11,6 @@ from .rewards import get_reward, reward_name
 RewardFuncs = Union[Callable, str, Sequence[Union[Callable, str]], Mapping[str, Union[Callable, str]]]
 
 
-
 class RewardSet:
     """
     The reward functions of a trainer, called with the DESIGN.md signature
