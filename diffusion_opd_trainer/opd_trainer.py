@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
+from .lora import adapter_checksum
 from .models import PromptEmbeddings
 from .opd_config import DiffusionOPDConfig
 from .sampling import RolloutBuffer, RolloutSampler
@@ -318,8 +319,6 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     # ----- checks and model card -------------------------------------------------------------------------------------
     def teachers_unchanged(self) -> dict[str, bool]:
         """Whether each teacher's weights still match their checksum at load time."""
-        from .lora import adapter_checksum
-
         return {
             task: adapter_checksum(self.unwrapped_denoiser, teacher.adapter_name) == teacher.checksum
             for task, teacher in self.teachers.items()

@@ -55,7 +55,7 @@ class Trajectory:
             latents=self.latents[index],
             log_probs=None if self.log_probs is None else self.log_probs[index],
             timesteps=self.timesteps,
-            prompt_embeds=self.prompt_embeds[index.cpu() if isinstance(index, torch.Tensor) else index],
+            prompt_embeds=self.prompt_embeds[index],
             noise_level=self.noise_level,
             guidance_scale=self.guidance_scale,
             images=None if self.images is None else self.images[index],
