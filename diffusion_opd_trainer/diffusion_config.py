@@ -64,6 +64,13 @@ class DiffusionTrainingConfig(TrainingArguments):
 
         > Logging
 
+        log_gradient_cosine (`bool`, *optional*, defaults to `False`):
+            Log `grad_cosine`, the cosine between the gradients of the two halves of each micro-batch (each half runs
+            its own forward and backward; the summed gradient is unchanged). It measures whether a batch carries
+            signal: with `g = s + n` and independent noise in each half, `cos ~ |s|^2 / (|s|^2 + |n_half|^2)`, near
+            0 when the gradient is noise and near 1 when every half agrees; the full batch's signal-to-noise ratio is
+            then `sqrt(2 cos / (1 - cos))`. One process only (under several, the halves' gradients are synchronised
+            in between and the figure would mix processes): it is skipped there with a warning.
         log_images_steps (`int`, *optional*, defaults to `0`):
             Every this many optimizer steps, log the rollout's images to TensorBoard (when `report_to` includes
             it); 0 disables.
@@ -98,6 +105,9 @@ class DiffusionTrainingConfig(TrainingArguments):
     ema: bool = field(default=False, metadata={"help": "Keep an EMA of the LoRA weights for evaluation and saving."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per update."})
     ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    log_gradient_cosine: bool = field(
+        default=False, metadata={"help": "Log the cosine between the gradients of the two halves of each batch."}
+    )
     log_images_steps: int = field(default=0, metadata={"help": "Log rollout images to TensorBoard every N steps."})
 
     def __post_init__(self):

@@ -4,6 +4,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from .diffusion_config import DiffusionTrainingConfig
 
 
@@ -50,6 +52,25 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
         reward_weights (`list[float]`, *optional*):
             Weights of the reward functions when several are summed (joint multi-reward RL). Defaults to 1 each.
             Not used with a task -> reward dict (each prompt is scored by its own task's reward).
+        per_prompt_stat_tracking (`bool`, *optional*, defaults to `False`):
+            Flow-GRPO's per-prompt stat tracking: the advantage of an image is its reward minus the mean of every
+            reward its prompt received over the last `stat_tracking_buffer_size` samples (this step's group
+            included), divided by that history's std (`scale_rewards="group"`), the batch std (`"batch"`), or 1
+            (`"none"`). With prompts that recur, the baseline averages over more samples than one group.
+        stat_tracking_buffer_size (`int`, *optional*, defaults to `64`):
+            Rewards kept per prompt by the tracker (the newest ones).
+
+        > SDE window (Flow-GRPO-Fast / MixGRPO)
+
+        sde_window_size (`int`, *optional*):
+            When set, only `sde_window_size` consecutive rollout steps use the SDE (and are trained); every other step
+            takes the deterministic ODE step. All the randomness of an image then comes from the window, so the
+            reward differences within a group are credited to fewer, better-identified transitions, and a step
+            trains on `sde_window_size` timesteps instead of all of them. `None` (default): every step is SDE.
+        sde_window_start (`int`, *optional*):
+            First step of the window. `None` (default): drawn at random for each rollout, uniformly among the starts
+            that keep the window inside the trained steps (`train_timestep_indices` / `timestep_fraction`). The draw
+            depends on the seed and the rollout index only, so every process uses the same window.
     """
 
     per_device_train_batch_size: int = field(
@@ -66,6 +87,16 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantage clipping bound."})
     scale_rewards: str = field(default="batch", metadata={"help": "'batch', 'group' or 'none'."})
     reward_weights: Optional[list[float]] = field(default=None, metadata={"help": "Weights of summed rewards."})
+    per_prompt_stat_tracking: bool = field(
+        default=False, metadata={"help": "Advantages from a per-prompt history of rewards (Flow-GRPO's tracker)."}
+    )
+    stat_tracking_buffer_size: int = field(default=64, metadata={"help": "Rewards kept per prompt by the tracker."})
+    sde_window_size: Optional[int] = field(
+        default=None, metadata={"help": "Consecutive SDE (and trained) steps; the ODE elsewhere. None: all SDE."}
+    )
+    sde_window_start: Optional[int] = field(
+        default=None, metadata={"help": "First step of the SDE window; None: random per rollout."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,3 +124,39 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
             raise ValueError("`beta` must be >= 0, and `epsilon` and `adv_clip_max` must be > 0.")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"`scale_rewards` must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.")
+        if self.stat_tracking_buffer_size < 1:
+            raise ValueError(f"`stat_tracking_buffer_size` must be >= 1, got {self.stat_tracking_buffer_size}.")
+        if self.sde_window_size is not None:
+            trained = self.trained_step_indices
+            if self.sde_window_start is None and not 1 <= self.sde_window_size <= trained[-1] + 1:
+                raise ValueError(
+                    f"`sde_window_size` must be between 1 and the last trained step + 1 ({trained[-1] + 1}) for a "
+                    f"random window inside the trained steps, got {self.sde_window_size}."
+                )
+            if self.sde_window_start is not None:
+                window = range(self.sde_window_start, self.sde_window_start + self.sde_window_size)
+                if self.sde_window_size < 1 or self.sde_window_start < 0 or window[-1] >= self.num_inference_steps:
+                    raise ValueError(
+                        f"The SDE window (`sde_window_start`={self.sde_window_start}, `sde_window_size`="
+                        f"{self.sde_window_size}) must lie within the {self.num_inference_steps} rollout steps."
+                    )
+                if not set(window) & set(trained):
+                    raise ValueError(
+                        f"The SDE window {list(window)} contains no trained step ({trained}): nothing would train."
+                    )
+        elif self.sde_window_start is not None:
+            raise ValueError("`sde_window_start` needs `sde_window_size`.")
+
+    def sde_window(self, rollout_index: int) -> Optional[list[int]]:
+        """
+        The SDE steps of rollout number `rollout_index` (`None` when every step is SDE): the fixed window, or one
+        drawn from the seed and the rollout index, so that every process draws the same.
+        """
+        if self.sde_window_size is None:
+            return None
+        start = self.sde_window_start
+        if start is None:
+            last_start = self.trained_step_indices[-1] - self.sde_window_size + 1
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rollout_index)
+            start = int(torch.randint(0, last_start + 1, (1,), generator=generator))
+        return list(range(start, start + self.sde_window_size))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -19,6 +20,7 @@ from .models import PromptEmbeddings
 from .sampling import RolloutBuffer, RolloutSampler
 from .scoring import RewardFuncs, RewardSet
 from .sde import scale_kl, sde_step, step_kl
+from .stat_tracking import PerPromptStatTracker
 from .trainer_base import DiffusionTrainerBase
 
 
@@ -34,6 +36,20 @@ class _ScoredRollout:
     timesteps: torch.Tensor  # [N]
     prompt_embeds: PromptEmbeddings
     advantages: torch.Tensor  # [B]
+    trained_steps: list[int]  # the trained steps that used the SDE (all trained steps without a window)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, rows: slice) -> "_ScoredRollout":
+        return _ScoredRollout(
+            latents=self.latents[rows],
+            log_probs=self.log_probs[rows],
+            timesteps=self.timesteps,
+            prompt_embeds=self.prompt_embeds[rows],
+            advantages=self.advantages[rows],
+            trained_steps=self.trained_steps,
+        )
 
 
 class DiffusionGRPOTrainer(DiffusionTrainerBase):
@@ -93,6 +109,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
                 self.reward_set.check_tasks(set(dataset["task"]), f"`{name}`")
         super().__init__(model, args, train_dataset, eval_dataset, peft_config, callbacks, optimizers)
         self._buffer = RolloutBuffer(args.gradient_accumulation_steps, args.num_iterations)
+        self.stat_tracker = PerPromptStatTracker(args.stat_tracking_buffer_size)
 
     # ----- data ------------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None) -> RolloutSampler:
@@ -116,7 +133,9 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         prompts, columns = self._split_batch(inputs)
         start = time.perf_counter()
         embeds = self.encode(prompts)
-        trajectory = self.sample_trajectories(embeds, decode=True)
+        # The buffer has already counted this rollout: its index is the same on every process.
+        window = self.args.sde_window(self._buffer.micro_step - 1)
+        trajectory = self.sample_trajectories(embeds, decode=True, sde_steps=window)
         rollout_time = time.perf_counter() - start
         local_rewards = self.reward_set(prompts, trajectory.images, columns)
         reward_time = time.perf_counter() - start - rollout_time
@@ -124,7 +143,8 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         # A group may span processes: normalise over the gathered global batch, then keep this process's slice.
         rewards = self.accelerator.gather(local_rewards.to(self.accelerator.device)).cpu()
         total = self.reward_set.total(rewards)
-        advantages, group_std = self._advantages(total)
+        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        advantages, group_std = self._advantages(total, all_prompts)
         rank, size = self.accelerator.process_index, len(prompts)
         local_advantages = advantages[rank * size : (rank + 1) * size]
 
@@ -143,21 +163,34 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             timesteps=trajectory.timesteps,
             prompt_embeds=embeds,
             advantages=local_advantages.to(self.accelerator.device),
+            trained_steps=[j for j in self.args.trained_step_indices if window is None or j in window],
         )
 
-    def _advantages(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Group-relative advantages of the global batch (consecutive `num_generations` rows form a group)."""
+    def _advantages(
+        self, total: torch.Tensor, prompts: Optional[list[str]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Group-relative advantages of the global batch (consecutive `num_generations` rows form a group), or
+        per-prompt-history ones with `per_prompt_stat_tracking`. Also returns each group's reward std.
+        """
         args = self.args
         grouped = total.view(-1, args.num_generations)
-        mean = torch.nanmean(grouped, dim=1, keepdim=True)
         group_std = nanstd(grouped, dim=1)
-        centred = grouped - mean
+        if args.per_prompt_stat_tracking:
+            if prompts is None:
+                raise ValueError("Per-prompt stat tracking needs the prompts of the rewards.")
+            mean, std = self.stat_tracker.update(prompts, total)
+            centred = total - mean
+            if args.scale_rewards == "group":
+                centred = centred / (std + 1e-4)
+        else:
+            centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).flatten()
+            if args.scale_rewards == "group":
+                centred = centred / (group_std.repeat_interleave(args.num_generations) + 1e-4)
         if args.scale_rewards == "batch":
             centred = centred / (nanstd(total) + 1e-4)
-        elif args.scale_rewards == "group":
-            centred = centred / (group_std.unsqueeze(1) + 1e-4)
         # An image no reward scored contributes no gradient.
-        advantages = torch.nan_to_num(centred.flatten(), nan=0.0)
+        advantages = torch.nan_to_num(centred.float(), nan=0.0)
         return advantages.clamp(-args.adv_clip_max, args.adv_clip_max), group_std
 
     # ----- policy update ---------------------------------------------------------------------------------------------
@@ -166,15 +199,17 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         model.train()
         batch, _ = self._buffer.get(lambda: self._generate_and_score(inputs), self.state.global_step)
         train_start = time.perf_counter()
-        loss = self._policy_update(model, batch)
+        update = lambda rows, weight: self._policy_update(model, batch[rows], weight)  # noqa: E731
+        loss = sum(self._backward_in_halves(update, len(batch)))
         self._record("train", **{"timing/train": time.perf_counter() - train_start})
         self._record("train", step_time=time.perf_counter() - start)
         return loss
 
-    def _policy_update(self, model, batch: _ScoredRollout) -> torch.Tensor:
+    def _policy_update(self, model, batch: _ScoredRollout, weight: float = 1.0) -> torch.Tensor:
+        """Backpropagates the clipped surrogate (plus `beta` KL) of each trained step, scaled by `weight`."""
         args = self.args
-        steps = args.trained_step_indices
-        scale = self.loss_scale()
+        steps = batch.trained_steps
+        scale = self.loss_scale(len(steps)) * weight
         scheduler = self.adapter.scheduler
         advantages = batch.advantages
         total_loss = torch.zeros((), device=self.accelerator.device)

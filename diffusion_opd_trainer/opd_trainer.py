@@ -36,6 +36,16 @@ class _CachedRollout:
     tasks: list[str]
     teacher_means: dict[int, torch.Tensor]  # step index -> [B, C, H, W]
 
+    def __getitem__(self, rows: slice) -> "_CachedRollout":
+        return _CachedRollout(
+            latents=self.latents[rows],
+            log_probs=None if self.log_probs is None else self.log_probs[rows],
+            timesteps=self.timesteps,
+            prompt_embeds=self.prompt_embeds[rows],
+            tasks=self.tasks[rows],
+            teacher_means={j: mean[rows] for j, mean in self.teacher_means.items()},
+        )
+
 
 class DiffusionOPDTrainer(DiffusionTrainerBase):
     """
@@ -211,12 +221,22 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         prompts, columns = self._split_batch(inputs)
         tasks = self._tasks_of(columns, len(prompts))
         if self.args.fused:
-            loss, kls, final_latents = self._fused_step(model, self.encode(prompts), tasks)
+            embeds = self.encode(prompts)
+            parts = self._backward_in_halves(
+                lambda rows, weight: self._fused_step(model, embeds[rows], tasks[rows], weight), len(prompts)
+            )
+            loss = sum(part[0] for part in parts)
+            kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
+            final_latents = torch.cat([part[2] for part in parts])
         else:
             cached, fresh = self._buffer.get(
                 lambda: self._rollout_with_teachers(prompts, tasks), self.state.global_step
             )
-            loss, kls = self._train_on_rollout(model, cached)
+            parts = self._backward_in_halves(
+                lambda rows, weight: self._train_on_rollout(model, cached[rows], weight), len(prompts)
+            )
+            loss = sum(part[0] for part in parts)
+            kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
             final_latents = cached.latents[:, -1] if fresh else None
         self._record_kl(kls, tasks)
         if self.eval_reward_set is not None and final_latents is not None:
@@ -231,14 +251,14 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         rewards = self.eval_reward_set(prompts, images, columns)
         self._record("train", **self.eval_reward_set.metrics(rewards))
 
-    def _fused_step(self, model, embeds: PromptEmbeddings, tasks: list[str]):
-        """Roll out and train in one pass: the student's rollout forward carries the gradient."""
+    def _fused_step(self, model, embeds: PromptEmbeddings, tasks: list[str], weight: float = 1.0):
+        """Roll out and train in one pass: the student's rollout forward carries the gradient (loss x `weight`)."""
         args = self.args
         height, width = self.image_size
         x = self.adapter.prepare_latents(len(tasks), height, width, self.rollout_generator)
         timesteps = self.adapter.set_timesteps(args.num_inference_steps, height, width)
         trained = args.trained_step_indices
-        scale = self.loss_scale()
+        scale = self.loss_scale() * weight
         total = torch.zeros((), device=x.device)
         kls = {}
         for j, t in enumerate(timesteps):
@@ -284,11 +304,11 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         }
         return _CachedRollout(trajectory.latents, trajectory.log_probs, trajectory.timesteps, embeds, tasks, means)
 
-    def _train_on_rollout(self, model, cached: _CachedRollout):
+    def _train_on_rollout(self, model, cached: _CachedRollout, weight: float = 1.0):
         """The second pass: the student's gradient at the stored states, against the cached teacher means."""
         args = self.args
         trained = args.trained_step_indices
-        scale = self.loss_scale()
+        scale = self.loss_scale() * weight
         total = torch.zeros((), device=cached.latents.device)
         kls = {}
         for j in trained:

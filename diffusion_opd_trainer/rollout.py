@@ -1,5 +1,6 @@
 """Sampling denoising trajectories from a diffusers pipeline, with the SDE or ODE kernel of `sde.py`."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -24,6 +25,9 @@ class Trajectory:
         timesteps (`torch.Tensor` of shape `(N,)`): the scheduler's timesteps, shared by the batch.
         prompt_embeds ([`~models.PromptEmbeddings`]): the conditioning the trajectories were sampled with.
         noise_level (`float`): the kernel's noise level (0 for the ODE).
+        sde_steps (`list[int]`, *optional*):
+            The steps that used the SDE kernel when only a window of them did (the others used the ODE and have a NaN
+            log-prob); `None` when every step used the same kernel.
         guidance_scale (`float`): the CFG scale of the sampler.
         images (`torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`, *optional*): decoded final latents, on request.
     """
@@ -35,6 +39,7 @@ class Trajectory:
     noise_level: float
     guidance_scale: float
     images: Optional[torch.Tensor] = None
+    sde_steps: Optional[list[int]] = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -59,6 +64,7 @@ class Trajectory:
             noise_level=self.noise_level,
             guidance_scale=self.guidance_scale,
             images=None if self.images is None else self.images[index],
+            sde_steps=self.sde_steps,
         )
 
 
@@ -71,6 +77,7 @@ def rollout(
     num_inference_steps: int = 10,
     guidance_scale: float = 4.5,
     noise_level: float = 0.7,
+    sde_steps: Optional[Sequence[int]] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
     generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
@@ -93,6 +100,9 @@ def rollout(
         num_inference_steps (`int`, defaults to 10): denoising steps N.
         guidance_scale (`float`, defaults to 4.5): classifier-free guidance scale (1 disables CFG).
         noise_level (`float`, defaults to 0.7): the SDE noise level (DDIM's eta); 0 samples the ODE.
+        sde_steps (`list[int]`, *optional*):
+            Only these steps (0 = the noisiest) use the SDE at `noise_level`; the others take the deterministic ODE
+            step and get a NaN log-prob (Flow-GRPO-Fast / MixGRPO's SDE window). All steps when `None`.
         height (`int`, *optional*), width (`int`, *optional*): image size; the pipeline's default when omitted.
         generator (`torch.Generator` or list, *optional*): for the initial noise and the transition noise.
         latents (`torch.Tensor`, *optional*): initial noise x_0, instead of drawing it.
@@ -121,14 +131,22 @@ def rollout(
     x = latents.to(device=adapter.device, dtype=torch.float32)
     timesteps = adapter.set_timesteps(num_inference_steps, height, width)
 
+    windowed = sde_steps is not None and noise_level > 0
+    if windowed:
+        sde_steps = sorted(set(int(j) for j in sde_steps))
+        if not sde_steps or sde_steps[0] < 0 or sde_steps[-1] >= len(timesteps):
+            raise ValueError(f"`sde_steps` must be step indices in [0, {len(timesteps)}), got {sde_steps}.")
     states, log_probs = [x], []
-    for t in timesteps:
+    for j, t in enumerate(timesteps):
         model_output = adapter.predict(x, t, prompt_embeds, guidance_scale, denoiser=denoiser)
-        step = sde_step(adapter.scheduler, model_output, t, x, noise_level=noise_level, generator=generator)
+        level = noise_level if not windowed or j in sde_steps else 0.0
+        step = sde_step(adapter.scheduler, model_output, t, x, noise_level=level, generator=generator)
         x = step.prev_sample
         states.append(x)
         if step.log_prob is not None:
             log_probs.append(step.log_prob)
+        elif windowed:
+            log_probs.append(torch.full((batch_size,), float("nan"), device=x.device))
     trajectory = Trajectory(
         latents=torch.stack(states, dim=1),
         log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
@@ -136,6 +154,7 @@ def rollout(
         prompt_embeds=prompt_embeds,
         noise_level=noise_level,
         guidance_scale=guidance_scale,
+        sde_steps=sde_steps if windowed else None,
     )
     if decode:
         trajectory.images = adapter.decode(x)

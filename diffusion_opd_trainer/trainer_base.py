@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -164,10 +165,48 @@ class DiffusionTrainerBase(Trainer):
     def unwrapped_denoiser(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def loss_scale(self) -> float:
-        """Each trained step's share of a micro-step's loss: 1 / (trained steps x gradient accumulation steps)."""
+    def loss_scale(self, num_trained_steps: Optional[int] = None) -> float:
+        """
+        Each trained step's share of a micro-step's loss: 1 / (trained steps x gradient accumulation steps).
+
+        Args:
+            num_trained_steps (`int`, *optional*): the steps this rollout trains on (defaults to every trained step).
+        """
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        return 1.0 / (len(self.args.trained_step_indices) * accumulation)
+        if num_trained_steps is None:
+            num_trained_steps = len(self.args.trained_step_indices)
+        return 1.0 / (num_trained_steps * accumulation)
+
+    def _backward_in_halves(self, run: Callable[[slice, float], Any], batch_size: int) -> list[Any]:
+        """
+        Runs `run(rows, weight)`, which backpropagates the loss of `rows` scaled by `weight`, on the two halves of a
+        micro-batch, and records the cosine between the two halves' gradients as `grad_cosine` (see
+        `log_gradient_cosine`). Without the diagnostic (or with fewer than two rows) runs the whole batch at once.
+        """
+        halves = batch_size >= 2 and self.args.log_gradient_cosine
+        if halves and self.accelerator.num_processes > 1:
+            if not getattr(self, "_warned_gradient_cosine", False):
+                logger.warning("`log_gradient_cosine` runs on one process only; it is skipped with several.")
+                self._warned_gradient_cosine = True
+            halves = False
+        if not halves:
+            return [run(slice(0, batch_size), 1.0)]
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+
+        def snapshot() -> list[torch.Tensor]:
+            return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in parameters]
+
+        middle = batch_size // 2
+        before = snapshot()
+        first = run(slice(0, middle), middle / batch_size)
+        between = snapshot()
+        second = run(slice(middle, batch_size), (batch_size - middle) / batch_size)
+        after = snapshot()
+        dot = sum(((b - a) * (c - b)).sum() for a, b, c in zip(before, between, after))
+        norm_first = sum(((b - a) ** 2).sum() for a, b in zip(before, between)).sqrt()
+        norm_second = sum(((c - b) ** 2).sum() for b, c in zip(between, after)).sqrt()
+        self._record("train", grad_cosine=(dot / (norm_first * norm_second).clamp_min(1e-30)).item())
+        return [first, second]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -181,10 +220,13 @@ class DiffusionTrainerBase(Trainer):
         return prompts, columns
 
     @torch.no_grad()
-    def sample_trajectories(self, embeds: PromptEmbeddings, decode: bool = False) -> Trajectory:
+    def sample_trajectories(
+        self, embeds: PromptEmbeddings, decode: bool = False, sde_steps: Optional[list[int]] = None
+    ) -> Trajectory:
         """
-        Rolls out the current policy without gradient, with the training kernel (`noise_level`), CFG and schedule,
-        under the same autocast as the training forwards (so a recomputed log-prob matches the stored one).
+        Rolls out the current policy without gradient, with the training kernel (`noise_level`, on `sde_steps` only
+        when given), CFG and schedule, under the same autocast as the training forwards (so a recomputed log-prob
+        matches the stored one).
         """
         args = self.args
         height, width = self.image_size
@@ -195,6 +237,7 @@ class DiffusionTrainerBase(Trainer):
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
                 noise_level=args.noise_level,
+                sde_steps=sde_steps,
                 height=height,
                 width=width,
                 generator=self.rollout_generator,

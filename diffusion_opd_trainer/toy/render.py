@@ -17,7 +17,7 @@ from .font import GLYPH_HEIGHT, GLYPH_WIDTH, GLYPHS
 from .world import BACKGROUNDS, COLORS
 
 
-__all__ = ["DEFAULT_RESOLUTION", "BACKGROUND_STYLES", "render", "render_spec"]
+__all__ = ["DEFAULT_RESOLUTION", "BACKGROUND_STYLES", "render", "render_spec", "text_layout"]
 
 DEFAULT_RESOLUTION = 32
 BACKGROUND_STYLES = ("white", "pastel", "vivid")
@@ -119,13 +119,21 @@ def _draw_objects(image: np.ndarray, spec: dict, rng: np.random.Generator) -> np
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
-def _draw_text(image: np.ndarray, text: str) -> np.ndarray:
+def text_layout(length: int, resolution: int) -> tuple[int, int, int]:
+    """
+    Where the renderer draws a string of `length` glyphs: `(scale, x0, y0)`, the integer scale of the 3x5 font and the
+    top-left pixel of the first glyph. Glyph `i` starts at column `x0 + i * (GLYPH_WIDTH + 1) * scale`.
+    """
     # Centred, always at the same place for a given length: the model has to learn the glyphs, not a layout.
-    resolution = image.shape[0]
     scale = max(1, resolution // 16)
-    width = len(text) * (GLYPH_WIDTH + 1) * scale - scale
+    width = length * (GLYPH_WIDTH + 1) * scale - scale
     height = GLYPH_HEIGHT * scale
-    x0, y0 = (resolution - width) // 2, (resolution - height) // 2
+    return scale, (resolution - width) // 2, (resolution - height) // 2
+
+
+def _draw_text(image: np.ndarray, text: str) -> np.ndarray:
+    scale, x0, y0 = text_layout(len(text), image.shape[0])
+    height = GLYPH_HEIGHT * scale
     for i, letter in enumerate(text):
         ink = np.kron(GLYPHS[letter], np.ones((scale, scale), dtype=np.float32)).astype(bool)
         x = x0 + i * (GLYPH_WIDTH + 1) * scale

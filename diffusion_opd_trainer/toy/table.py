@@ -148,6 +148,10 @@ class TableConfig:
     num_generations: int = 8
     grpo_prompts_per_step: int = 2
     grpo_gradient_accumulation_steps: int = 1
+    grpo_sde_window_size: Optional[int] = None
+    grpo_sde_window_start: Optional[int] = None
+    grpo_per_prompt_stat_tracking: bool = False
+    grpo_timestep_fraction: float = 0.99
     teacher_steps: int = 32
     multitask_steps: Optional[int] = None
     cascade_steps_per_task: Optional[int] = None
@@ -388,6 +392,10 @@ def _grpo_args(config: TableConfig, output_dir: str, max_steps: int, show_progre
         noise_level=config.grpo_noise_level,
         kl_scaling=config.grpo_kl_scaling,
         scale_rewards=config.grpo_scale_rewards,
+        sde_window_size=config.grpo_sde_window_size,
+        sde_window_start=config.grpo_sde_window_start,
+        per_prompt_stat_tracking=config.grpo_per_prompt_stat_tracking,
+        timestep_fraction=config.grpo_timestep_fraction,
     )
 
 
