@@ -1,23 +1,27 @@
 """
-The paper's Table 1 in miniature, on the toy world: single-task GRPO teachers, their multi-teacher on-policy
-distillation (ODE and SDE), and the multi-task and cascade GRPO baselines, all evaluated on every task's test prompts.
+The stages of the paper's Table 1 in miniature, on the toy world, and a runner that runs them in parallel processes:
+single-task GRPO teachers, their multi-teacher on-policy distillation (ODE and SDE), the multi-task and cascade GRPO
+baselines, and the evaluation of every model on every task's test prompts. `benchmarks/toy_report.py` turns what they
+return into the table; `benchmarks/toy_table.py` is the command line.
 
 ```python
-from diffusion_opd_trainer.toy.table import TableConfig, run_table
+from benchmarks.toy_report import assemble_seed
+from benchmarks.toy_stages import TableConfig, run_stages
 
-table = run_table(TableConfig.quick(output_dir="results/toy_table_quick"))
-print(table["markdown"])
+outputs = run_stages(TableConfig.quick(output_dir="results/toy_table_quick", seed=0), workers=2)
+table = assemble_seed(outputs)
 ```
 
 Every model is a LoRA of the same size on the same bundled base model, trained on the same prompts (an equal number
 per task) and evaluated by the same harness ([`~diffusion_opd_trainer.evaluate`]: deterministic ODE sampler at the
-toy's default steps and guidance, fixed seeds). Compute is counted the same way for every stage: a forward hook on
-the denoiser adds up *image-forwards* (the batch size of every denoiser call; a CFG call on `B` latents counts `2B`),
-and wall-clock seconds of training exclude the periodic evaluations that draw the reward-versus-compute curves.
+toy's default steps and guidance, fixed seeds). Compute is counted the same way for every stage, inside the process
+that trains it: a forward hook on the denoiser adds up *image-forwards* (the batch size of every denoiser call; a CFG
+call on `B` latents counts `2B`), and wall-clock seconds of training exclude the periodic evaluations that draw the
+reward-versus-compute curves.
 
-Each stage (a teacher, a baseline, a distillation, an evaluation) is cached under `output_dir`, keyed by a hash of the
-settings it depends on (and of the base model's weights), so teachers are trained once and a rerun only redoes what
-changed.
+Each stage (a teacher, a baseline, a distillation, an evaluation) is cached under `<output_dir>/seed-<seed>/`, keyed
+by a hash of the settings it depends on, of the base model's weights and of the toy world's source code (renderer,
+rewards, prompts, font), so teachers are trained once and a rerun only redoes what changed.
 """
 
 import contextlib
@@ -26,52 +30,68 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import diffusers
 import torch
+import transformers
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..evaluation import EvaluationResult, evaluate
-from ..grpo_config import DiffusionGRPOConfig
-from ..grpo_trainer import DiffusionGRPOTrainer
-from ..lora import DEFAULT_TARGET_MODULES, STUDENT_ADAPTER, read_lora
-from ..opd_config import DiffusionOPDConfig
-from ..opd_trainer import DiffusionOPDTrainer
-from .model import BASE_MODEL_DIR, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
-from .rewards import reward_funcs
-from .world import TASKS, prompts
+from diffusion_opd_trainer import toy
+from diffusion_opd_trainer.evaluation import EvaluationResult, evaluate
+from diffusion_opd_trainer.grpo_config import DiffusionGRPOConfig
+from diffusion_opd_trainer.grpo_trainer import DiffusionGRPOTrainer
+from diffusion_opd_trainer.lora import DEFAULT_TARGET_MODULES, STUDENT_ADAPTER, read_lora
+from diffusion_opd_trainer.opd_config import DiffusionOPDConfig
+from diffusion_opd_trainer.opd_trainer import DiffusionOPDTrainer
+from diffusion_opd_trainer.toy.model import (
+    BASE_MODEL_DIR,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    load_pipeline,
+)
+from diffusion_opd_trainer.toy.rewards import reward_funcs
+from diffusion_opd_trainer.toy.world import TASKS, prompts
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ForwardCounter",
+    "StageOutputs",
     "StageResult",
     "TableConfig",
+    "base_model_fingerprint",
     "distill",
     "evaluate_model",
-    "format_markdown",
-    "plot_curves",
-    "run_table",
+    "opd_name",
+    "run_stages",
+    "stage_keys",
     "train_cascade_grpo",
     "train_multitask_grpo",
     "train_teacher",
+    "world_fingerprint",
 ]
 
 STAGE_FILE = "stage.json"
 LORA_SUBDIR = "lora"
 # Bump when a change to this module changes what a cached stage would contain.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# The toy world's code: a change to any of these (a reward, the renderer, the prompts) changes what a stage trains on
+# and how it is scored, so their source is part of every cache key. The model code is covered by the weights' hash.
+WORLD_SOURCES = tuple(Path(toy.__file__).parent / f"{name}.py" for name in ("rewards", "render", "world", "font"))
 
 
 @dataclass
@@ -82,12 +102,14 @@ class TableConfig:
 
     Parameters:
         output_dir (`str`, defaults to `"results/toy_table"`):
-            Cache of every stage (LoRAs, logs, evaluations). The table is written next to it as `<output_dir>.json`,
-            `<output_dir>.md` and `<output_dir>_curves.png`.
+            Root of the runs: seed `N` caches its stages (LoRAs, logs, evaluations) under `<output_dir>/seed-N/` and
+            writes its table to `<output_dir>/seed-N.json`; the report over all seeds is written next to it as
+            `<output_dir>.json`, `<output_dir>.md` and `<output_dir>_curves.png`.
         base_model (`str`, *optional*):
             A pipeline folder to start from instead of the bundled toy base model (see `toy.load_pipeline`).
         seed (`int`, defaults to 0):
-            Seed of every trainer (LoRA init, prompt order, rollout noise).
+            Seed of every trainer (LoRA init, prompt order, rollout noise). The evaluation noise does not depend on it
+            (`eval_seed`), so the spread over seeds is the spread of training.
         train_prompts_per_task (`int`, *optional*):
             Training prompts of each task (the first ones of its shuffled train split), the same number for every task
             so that tasks weigh the same in the multi-task runs. Defaults to all that the smallest task's train split
@@ -110,9 +132,11 @@ class TableConfig:
             The LoRA of every model, on the attention projections (the paper's).
         grpo_learning_rate (`float`), grpo_beta (`float`), grpo_noise_level (`float`), grpo_kl_scaling (`str`),
         grpo_scale_rewards (`str`), num_generations (`int`), grpo_prompts_per_step (`int`),
-        grpo_gradient_accumulation_steps (`int`):
+        grpo_gradient_accumulation_steps (`int`), grpo_sde_window_size (`int`, *optional*),
+        grpo_sde_window_start (`int`, *optional*), grpo_per_prompt_stat_tracking (`bool`),
+        grpo_timestep_fraction (`float`):
             GRPO (teachers and both baselines): each micro-step samples `grpo_prompts_per_step` prompts x
-            `num_generations` images.
+            `num_generations` images; the others are [`DiffusionGRPOConfig`]'s settings of the same name.
         teacher_steps (`int`):
             Optimizer steps of each single-task teacher.
         multitask_steps (`int`, *optional*):
@@ -120,9 +144,10 @@ class TableConfig:
         cascade_steps_per_task (`int`, *optional*):
             Optimizer steps of cascade GRPO on each task in turn; defaults to `teacher_steps`.
         opd_learning_rate (`float`), opd_batch_size (`int`), opd_gradient_accumulation_steps (`int`),
-        opd_steps (`int`), opd_sde_noise_level (`float`):
-            On-policy distillation: prompts per micro-step (one image each, tasks mixed), optimizer steps, and the
-            noise level of the SDE variant (the ODE variant uses 0).
+        opd_steps (`int`), opd_sde_noise_level (`float`), opd_timestep_fraction (`float`, defaults to 0.99):
+            On-policy distillation: prompts per micro-step (one image each, tasks mixed), optimizer steps, the noise
+            level of the SDE variant (the ODE variant uses 0), and the fraction of the rollout steps trained
+            ([`DiffusionOPDConfig`]'s `timestep_fraction`).
     """
 
     output_dir: str = "results/toy_table"
@@ -160,6 +185,7 @@ class TableConfig:
     opd_gradient_accumulation_steps: int = 1
     opd_steps: int = 40
     opd_sde_noise_level: float = 0.7
+    opd_timestep_fraction: float = 0.99
 
     def __post_init__(self):
         if self.multitask_steps is None:
@@ -169,6 +195,9 @@ class TableConfig:
         steps = (self.teacher_steps, self.multitask_steps, self.cascade_steps_per_task, self.opd_steps)
         if min(steps) < 1 or self.curve_points < 1:
             raise ValueError(f"Every stage needs at least one step and one curve point; got steps {steps}.")
+        if self.opd_sde_noise_level <= 0:
+            # Noise level 0 is the ODE distillation, which is always in the table.
+            raise ValueError(f"`opd_sde_noise_level` must be positive, got {self.opd_sde_noise_level}.")
 
     @classmethod
     def quick(cls, **overrides) -> "TableConfig":
@@ -193,6 +222,11 @@ class TableConfig:
     def full(cls, **overrides) -> "TableConfig":
         """The committed table (sized for about an hour on two CPU cores)."""
         return cls(**overrides)
+
+    @property
+    def seed_dir(self) -> str:
+        """This seed's stage cache, `<output_dir>/seed-<seed>`."""
+        return os.path.join(self.output_dir, f"seed-{self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,7 +318,7 @@ class _CurveCallback(TrainerCallback):
                 reward_funcs(),
                 model_name=f"{self.phase} step {step}",
                 show_progress=False,
-                **_eval_kwargs(self.config),
+                **eval_kwargs(self.config),
             )
         self.curve.append(_curve_point(result, self.counter, phase=self.phase, step=step))
 
@@ -302,12 +336,13 @@ def _curve_point(result: EvaluationResult, counter: ForwardCounter, **extra) -> 
         "forwards": counter.forwards,
         "grad_forwards": counter.grad_forwards,
         "seconds": round(counter.seconds, 2),
-        "rewards": {task: _task_reward(result, task) for task in TASKS},
+        "rewards": {task: task_reward(result, task) for task in TASKS},
     }
 
 
 # ----- data and settings ---------------------------------------------------------------------------------------------
-def _num_train_prompts(config: TableConfig) -> int:
+def num_train_prompts(config: TableConfig) -> int:
+    """Training prompts per task: `train_prompts_per_task`, at most what the train splits hold beside validation."""
     available = min(len(prompts(task, "train")) for task in TASKS) - config.curve_prompts_per_task
     count = available if config.train_prompts_per_task is None else min(config.train_prompts_per_task, available)
     if count < 1:
@@ -319,13 +354,13 @@ def _train_set(config: TableConfig, tasks=TASKS):
     """The first `n` train prompts of each task (the same prompts for every method), concatenated."""
     from datasets import concatenate_datasets
 
-    count = _num_train_prompts(config)
+    count = num_train_prompts(config)
     return concatenate_datasets([prompts(task, "train").select(range(count)) for task in tasks])
 
 
 def _validation_sets(config: TableConfig) -> dict:
     """Each task's validation prompts: the train-split prompts right after the training ones."""
-    start = _num_train_prompts(config)
+    start = num_train_prompts(config)
     return {task: prompts(task, "train").select(range(start, start + config.curve_prompts_per_task)) for task in TASKS}
 
 
@@ -339,7 +374,8 @@ def _test_sets(max_prompts: Optional[int]) -> dict:
     return sets
 
 
-def _eval_kwargs(config: TableConfig) -> dict[str, Any]:
+def eval_kwargs(config: TableConfig) -> dict[str, Any]:
+    """The evaluation sampler's settings, as [`~diffusion_opd_trainer.evaluate`] takes them."""
     return {
         "num_inference_steps": config.eval_num_inference_steps,
         "guidance_scale": config.eval_guidance_scale,
@@ -348,7 +384,8 @@ def _eval_kwargs(config: TableConfig) -> dict[str, Any]:
     }
 
 
-def _task_reward(result: EvaluationResult, task: str) -> float:
+def task_reward(result: EvaluationResult, task: str) -> float:
+    """A task's mean reward in an evaluation result."""
     # The harness names each toy reward's metric after the reward (its __name__, which is the task's name).
     return float(result.metrics[task][task])
 
@@ -381,7 +418,8 @@ def _common_args(config: TableConfig, output_dir: str, max_steps: int, show_prog
     )
 
 
-def _grpo_args(config: TableConfig, output_dir: str, max_steps: int, show_progress: bool) -> DiffusionGRPOConfig:
+def grpo_args(config: TableConfig, output_dir: str, max_steps: int, show_progress: bool) -> DiffusionGRPOConfig:
+    """The [`DiffusionGRPOConfig`] of the teachers and both GRPO baselines."""
     return DiffusionGRPOConfig(
         **_common_args(config, output_dir, max_steps, show_progress),
         per_device_train_batch_size=config.grpo_prompts_per_step * config.num_generations,
@@ -399,13 +437,15 @@ def _grpo_args(config: TableConfig, output_dir: str, max_steps: int, show_progre
     )
 
 
-def _opd_args(config: TableConfig, output_dir: str, noise_level: float, show_progress: bool) -> DiffusionOPDConfig:
+def opd_args(config: TableConfig, output_dir: str, noise_level: float, show_progress: bool) -> DiffusionOPDConfig:
+    """The [`DiffusionOPDConfig`] of a distillation (ODE at `noise_level=0`, SDE otherwise)."""
     return DiffusionOPDConfig(
         **_common_args(config, output_dir, config.opd_steps, show_progress),
         per_device_train_batch_size=config.opd_batch_size,
         gradient_accumulation_steps=config.opd_gradient_accumulation_steps,
         learning_rate=config.opd_learning_rate,
         noise_level=noise_level,
+        timestep_fraction=config.opd_timestep_fraction,
     )
 
 
@@ -426,8 +466,33 @@ def base_model_fingerprint(path: Optional[str] = None) -> str:
     return _BASE_FINGERPRINT[path]
 
 
+def fingerprint_files(paths: Sequence[os.PathLike]) -> str:
+    """A hash of files' names and contents, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+# Read at import, next to the import of the world's code itself: the fingerprint describes the code this process runs,
+# even if the files are edited later (a long run keeps the code it started with, and keys its stages accordingly).
+_WORLD_FINGERPRINT = fingerprint_files(WORLD_SOURCES)
+
+
+def world_fingerprint() -> str:
+    """A hash of the toy world's source (`toy/{rewards,render,world,font}.py`) as this process imported it."""
+    return _WORLD_FINGERPRINT
+
+
 def _stage_key(config: TableConfig, kind: str, settings: dict[str, Any]) -> str:
-    payload = {"kind": kind, "version": CACHE_VERSION, "base": base_model_fingerprint(config.base_model), **settings}
+    payload = {
+        "kind": kind,
+        "version": CACHE_VERSION,
+        "base": base_model_fingerprint(config.base_model),
+        "world": world_fingerprint(),
+        **settings,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -465,6 +530,10 @@ class StageResult:
         return asdict(self)
 
 
+# Cache hits of this process: the runner reads it around a job to tell the parent whether the job trained anything.
+_CACHE_HITS = 0
+
+
 def _load_cached(stage_dir: Path) -> Optional[StageResult]:
     path = stage_dir / STAGE_FILE
     if not path.is_file():
@@ -486,11 +555,13 @@ def _slug(name: str) -> str:
 
 
 def _cached_stage(config: TableConfig, name: str, kind: str, settings: dict, force: bool, train) -> StageResult:
+    global _CACHE_HITS
     key = _stage_key(config, kind, settings)
-    stage_dir = Path(config.output_dir) / f"{_slug(name)}-{key}"
+    stage_dir = Path(config.seed_dir) / f"{_slug(name)}-{key}"
     if not force:
         cached = _load_cached(stage_dir)
         if cached is not None:
+            _CACHE_HITS += 1
             logger.info(
                 "%s: cached in %s (%.0f s, %.2fM forwards)", name, stage_dir, cached.seconds, cached.forwards / 1e6
             )
@@ -523,7 +594,7 @@ def _cached_stage(config: TableConfig, name: str, kind: str, settings: dict, for
 
 def _load_base(config: TableConfig):
     """A fresh base pipeline, checked to be the one the cache keys were made from (not replaced during the run)."""
-    pipe = load_pipeline(config.base_model, device=_device())
+    pipe = load_pipeline(config.base_model, device=device())
     path = os.path.abspath(config.base_model or BASE_MODEL_DIR)
     expected = base_model_fingerprint(config.base_model)
     _BASE_FINGERPRINT.pop(path, None)
@@ -532,7 +603,8 @@ def _load_base(config: TableConfig):
     return pipe
 
 
-def _device() -> str:
+def device() -> str:
+    """Where stages run: CUDA when available, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -553,13 +625,87 @@ def _run_trainer(trainer, counter: ForwardCounter, config: TableConfig, curve: l
         counter.detach()
 
 
+# ----- the settings each stage's key is made of ----------------------------------------------------------------------
+_CURVE_KEYS = [
+    "curve_prompts_per_task",
+    "curve_points",
+    "eval_seed",
+    "eval_num_inference_steps",
+    "eval_guidance_scale",
+]
+
+
 def _grpo_settings(config: TableConfig) -> dict[str, Any]:
     keys = [f.name for f in dataclasses.fields(config) if f.name.startswith("grpo_")]
-    keys += ["seed", "num_generations", "num_inference_steps", "guidance_scale", "lora_r", "lora_alpha"]
-    keys += ["curve_prompts_per_task", "curve_points", "eval_seed", "eval_num_inference_steps", "eval_guidance_scale"]
+    keys += ["seed", "num_generations", "num_inference_steps", "guidance_scale", "lora_r", "lora_alpha", *_CURVE_KEYS]
     settings = {key: getattr(config, key) for key in keys}
-    settings["train_prompts_per_task"] = _num_train_prompts(config)
+    settings["train_prompts_per_task"] = num_train_prompts(config)
     return settings
+
+
+def _teacher_settings(config: TableConfig, task: str) -> dict[str, Any]:
+    return {**_grpo_settings(config), "task": task, "steps": config.teacher_steps}
+
+
+def _multitask_settings(config: TableConfig) -> dict[str, Any]:
+    return {**_grpo_settings(config), "steps": config.multitask_steps}
+
+
+def _cascade_settings(config: TableConfig) -> dict[str, Any]:
+    return {**_grpo_settings(config), "steps_per_task": config.cascade_steps_per_task, "order": list(TASKS)}
+
+
+def _opd_settings(config: TableConfig, noise_level: float, teacher_keys: dict[str, str]) -> dict[str, Any]:
+    # Every `opd_*` setting (so that a new one cannot be forgotten here), except the SDE's noise level: it is this
+    # stage's `noise_level`, and the ODE stage must not retrain when only the SDE's changes.
+    keys = [
+        f.name for f in dataclasses.fields(config) if f.name.startswith("opd_") and f.name != "opd_sde_noise_level"
+    ]
+    keys += ["seed", "num_inference_steps", "guidance_scale", "lora_r", "lora_alpha", *_CURVE_KEYS]
+    settings = {key: getattr(config, key) for key in keys}
+    settings.update(noise_level=noise_level, train_prompts_per_task=num_train_prompts(config), teachers=teacher_keys)
+    return settings
+
+
+def _eval_settings(
+    config: TableConfig, model_key: Optional[str], max_prompts: Optional[int], split: str
+) -> dict[str, Any]:
+    settings = {**eval_kwargs(config), "model": model_key, "max_prompts": max_prompts, "split": split}
+    if split == "validation":
+        settings["validation"] = {"start": num_train_prompts(config), "count": config.curve_prompts_per_task}
+    elif split != "test":
+        raise ValueError(f"`split` must be 'test' or 'validation', got {split!r}.")
+    return settings
+
+
+def teacher_name(task: str) -> str:
+    return f"teacher ({task})"
+
+
+def opd_name(noise_level: float) -> str:
+    """The row name of a distillation: `"OPD-ODE"` at noise level 0, `"OPD-SDE (noise <level>)"` otherwise."""
+    return "OPD-ODE" if noise_level == 0 else f"OPD-SDE (noise {noise_level:g})"
+
+
+def stage_keys(config: TableConfig) -> dict[str, str]:
+    """
+    The cache key of every stage of `config`, without running anything: the trained stages by row name, their test
+    evaluations as `"eval: <name>"` (`"eval: base"` for the base model) and the base model's validation evaluation as
+    `"eval: base (validation)"`.
+    """
+    keys = {teacher_name(task): _stage_key(config, "grpo_teacher", _teacher_settings(config, task)) for task in TASKS}
+    teacher_keys = {task: keys[teacher_name(task)] for task in TASKS}
+    keys["multi-task GRPO"] = _stage_key(config, "grpo_multitask", _multitask_settings(config))
+    keys["cascade GRPO"] = _stage_key(config, "grpo_cascade", _cascade_settings(config))
+    for noise in (0.0, config.opd_sde_noise_level):
+        keys[opd_name(noise)] = _stage_key(config, "opd", _opd_settings(config, noise, teacher_keys))
+    max_prompts = config.eval_prompts_per_task
+    evals = {"eval: base": _stage_key(config, "evaluation", _eval_settings(config, None, max_prompts, "test"))}
+    for name, key in keys.items():
+        evals[f"eval: {name}"] = _stage_key(config, "evaluation", _eval_settings(config, key, max_prompts, "test"))
+    settings = _eval_settings(config, None, None, "validation")
+    evals["eval: base (validation)"] = _stage_key(config, "evaluation", settings)
+    return {**keys, **evals}
 
 
 # ----- stages --------------------------------------------------------------------------------------------------------
@@ -575,14 +721,13 @@ def train_teacher(config: TableConfig, task: str, force: bool = False, show_prog
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; the toy tasks are {TASKS}.")
-    settings = {**_grpo_settings(config), "task": task, "steps": config.teacher_steps}
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
         pipe = _load_base(config)
         trainer = DiffusionGRPOTrainer(
             model=pipe,
             reward_funcs={task: reward_funcs()[task]},
-            args=_grpo_args(config, str(stage_dir), config.teacher_steps, show_progress),
+            args=grpo_args(config, str(stage_dir), config.teacher_steps, show_progress),
             train_dataset=_train_set(config, (task,)),
             peft_config=_lora_config(config),
         )
@@ -591,22 +736,27 @@ def train_teacher(config: TableConfig, task: str, force: bool = False, show_prog
         log_history.extend(trainer.state.log_history)
         return trainer.state.global_step
 
-    return _cached_stage(config, f"teacher ({task})", "grpo_teacher", settings, force, train)
+    settings = _teacher_settings(config, task)
+    return _cached_stage(config, teacher_name(task), "grpo_teacher", settings, force, train)
 
 
 def train_multitask_grpo(config: TableConfig, force: bool = False, show_progress: bool = True) -> StageResult:
     """
     The joint multi-task RL baseline: one LoRA trained by GRPO on every task's prompts at once, each prompt scored by
     its own task's reward, for `config.multitask_steps` optimizer steps.
+
+    Args:
+        config ([`TableConfig`]): the settings.
+        force (`bool`, defaults to `False`): retrain even when cached.
+        show_progress (`bool`, defaults to `True`): the trainer's progress bar.
     """
-    settings = {**_grpo_settings(config), "steps": config.multitask_steps}
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
         pipe = _load_base(config)
         trainer = DiffusionGRPOTrainer(
             model=pipe,
             reward_funcs=reward_funcs(),
-            args=_grpo_args(config, str(stage_dir), config.multitask_steps, show_progress),
+            args=grpo_args(config, str(stage_dir), config.multitask_steps, show_progress),
             train_dataset=_train_set(config),
             peft_config=_lora_config(config),
         )
@@ -615,7 +765,7 @@ def train_multitask_grpo(config: TableConfig, force: bool = False, show_progress
         log_history.extend(trainer.state.log_history)
         return trainer.state.global_step
 
-    return _cached_stage(config, "multi-task GRPO", "grpo_multitask", settings, force, train)
+    return _cached_stage(config, "multi-task GRPO", "grpo_multitask", _multitask_settings(config), force, train)
 
 
 def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: bool = True) -> StageResult:
@@ -623,8 +773,12 @@ def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: 
     The cascade RL baseline: one LoRA trained by GRPO on each task in turn (in `toy.TASKS` order),
     `config.cascade_steps_per_task` optimizer steps each. Each phase is a fresh trainer (fresh AdamW state) whose
     student LoRA starts from the previous phase's weights.
+
+    Args:
+        config ([`TableConfig`]): the settings.
+        force (`bool`, defaults to `False`): retrain even when cached.
+        show_progress (`bool`, defaults to `True`): the trainers' progress bars.
     """
-    settings = {**_grpo_settings(config), "steps_per_task": config.cascade_steps_per_task, "order": list(TASKS)}
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
         previous: Optional[Path] = None
@@ -635,7 +789,7 @@ def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: 
             trainer = DiffusionGRPOTrainer(
                 model=pipe,
                 reward_funcs={task: reward_funcs()[task]},
-                args=_grpo_args(config, str(phase_dir), config.cascade_steps_per_task, show_progress),
+                args=grpo_args(config, str(phase_dir), config.cascade_steps_per_task, show_progress),
                 train_dataset=_train_set(config, (task,)),
                 peft_config=_lora_config(config),
             )
@@ -655,7 +809,7 @@ def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: 
         shutil.copytree(previous, stage_dir / LORA_SUBDIR)
         return total_steps
 
-    return _cached_stage(config, "cascade GRPO", "grpo_cascade", settings, force, train)
+    return _cached_stage(config, "cascade GRPO", "grpo_cascade", _cascade_settings(config), force, train)
 
 
 def distill(
@@ -669,25 +823,23 @@ def distill(
     Stage 2: multi-teacher on-policy distillation of `teachers` (task -> teacher stage) into one student LoRA, on
     every task's prompts (mixed batches, each prompt routed to its task's teacher), with the ODE (`noise_level=0`,
     mean matching) or the SDE at `noise_level` (exact step KL). No reward is used in training.
+
+    Args:
+        config ([`TableConfig`]): the settings.
+        noise_level (`float`): 0 for the ODE, the SDE's noise level otherwise.
+        teachers (`dict[str, StageResult]`): each task's trained teacher.
+        force (`bool`, defaults to `False`): retrain even when cached.
+        show_progress (`bool`, defaults to `True`): the trainer's progress bar.
     """
-    keys = ["seed", "num_inference_steps", "guidance_scale", "lora_r", "lora_alpha"]
-    keys += ["curve_prompts_per_task"]
-    keys += ["curve_points", "eval_seed", "eval_num_inference_steps", "eval_guidance_scale"]
-    keys += ["opd_learning_rate", "opd_batch_size", "opd_gradient_accumulation_steps", "opd_steps"]
-    settings = {key: getattr(config, key) for key in keys}
-    settings.update(
-        noise_level=noise_level,
-        train_prompts_per_task=_num_train_prompts(config),
-        teachers={task: stage.key for task, stage in teachers.items()},
-    )
-    name = "OPD-ODE" if noise_level == 0 else f"OPD-SDE (noise {noise_level:g})"
+    settings = _opd_settings(config, noise_level, {task: stage.key for task, stage in teachers.items()})
+    name = opd_name(noise_level)
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
         pipe = _load_base(config)
         trainer = DiffusionOPDTrainer(
             model=pipe,
             teachers={task: os.path.abspath(stage.lora_dir) for task, stage in teachers.items()},
-            args=_opd_args(config, str(stage_dir), noise_level, show_progress),
+            args=opd_args(config, str(stage_dir), noise_level, show_progress),
             train_dataset=_train_set(config, tuple(teachers)),
             peft_config=_lora_config(config),
         )
@@ -713,7 +865,7 @@ def evaluate_model(
     """
     Evaluates the base model (`stage=None`) or a stage's saved LoRA, loaded by the evaluation harness into a fresh
     float32 `toy.load_pipeline()`, with the deterministic ODE sampler at the table's evaluation settings and fixed
-    seeds. Cached under `<output_dir>/eval/`.
+    seeds. Cached under `<output_dir>/seed-<seed>/eval/`.
 
     Args:
         config ([`TableConfig`]): the settings.
@@ -724,21 +876,13 @@ def evaluate_model(
         show_progress (`bool`, defaults to `True`): progress bars.
         split (`str`, defaults to `"test"`): `"test"` (the table) or `"validation"` (the curves' prompts).
     """
-    settings = {
-        **_eval_kwargs(config),
-        "model": None if stage is None else stage.key,
-        "max_prompts": max_prompts,
-        "split": split,
-    }
-    if split == "validation":
-        settings["validation"] = {"start": _num_train_prompts(config), "count": config.curve_prompts_per_task}
-    elif split != "test":
-        raise ValueError(f"`split` must be 'test' or 'validation', got {split!r}.")
+    global _CACHE_HITS
+    settings = _eval_settings(config, None if stage is None else stage.key, max_prompts, split)
     key = _stage_key(config, "evaluation", settings)
-    path = Path(config.output_dir) / "eval" / f"{_slug(name)}-{key}.json"
+    path = Path(config.seed_dir) / "eval" / f"{_slug(name)}-{key}.json"
     if path.is_file() and not force:
-        data = json.loads(path.read_text())
-        return EvaluationResult(**data)
+        _CACHE_HITS += 1
+        return EvaluationResult(**json.loads(path.read_text()))
     pipe = _load_base(config)
     start = time.perf_counter()
     result = evaluate(
@@ -748,364 +892,284 @@ def evaluate_model(
         lora=None if stage is None else os.path.abspath(stage.lora_dir),
         model_name=name,
         show_progress=show_progress,
-        **_eval_kwargs(config),
+        **eval_kwargs(config),
     )
     result.settings["eval_seconds"] = round(time.perf_counter() - start, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict(), default=str))
+    # Atomic: another process may read the evaluation cache while this one writes it.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result.to_dict(), default=str))
+    os.replace(tmp, path)
     return result
 
 
-# ----- the table -----------------------------------------------------------------------------------------------------
-def _normalised(rewards: dict[str, float], base: dict[str, float], teachers: dict[str, dict[str, float]]) -> float:
+# ----- the runner ----------------------------------------------------------------------------------------------------
+@dataclass
+class StageOutputs:
     """
-    Mean over tasks of `(r - base) / (teacher - base)`: 0 is the base model, 1 each teacher on its own task. Undefined
-    (NaN) unless every teacher beats the base model on its task: with a teacher at or below the base, the ratio would
-    reward doing worse than the base.
+    Everything [`run_stages`] produced for one seed: what `toy_report.assemble_seed` turns into the seed's table.
+
+    Args:
+        config ([`TableConfig`]): the settings, with `base_model` set to the snapshot the stages were trained from.
+        teachers (`dict[str, StageResult]`): task -> its teacher.
+        trained (`list[StageResult]`): every trained stage in row order (teachers, multi-task GRPO, cascade GRPO,
+            OPD-ODE, OPD-SDE).
+        evaluations (`dict[str, EvaluationResult]`): row name -> its evaluation on the test prompts (`"base"` too).
+        curve_base (`EvaluationResult`): the base model on the validation prompts (every curve's origin).
+        jobs (`list[dict]`): one record per job in order of submission: `name`, `pid` of the process that ran it,
+            `cached`, `submitted` and `finished` (seconds since the start of the run, as the parent saw them) and
+            `wall_seconds` (in the process that ran it).
+        workers (`int`), threads_per_worker (`int`): how the stages ran.
+        wall_seconds (`float`): the run's wall clock (cached stages take almost none).
     """
-    gains = []
-    for task in TASKS:
-        span = teachers[task][task] - base[task]
-        gains.append((rewards[task] - base[task]) / span if span > 1e-9 else math.nan)
-    return sum(gains) / len(gains)
+
+    config: TableConfig
+    teachers: dict[str, StageResult]
+    trained: list[StageResult]
+    evaluations: dict[str, EvaluationResult]
+    curve_base: EvaluationResult
+    jobs: list[dict] = field(default_factory=list)
+    workers: int = 1
+    threads_per_worker: int = 1
+    wall_seconds: float = 0.0
 
 
-def _compute_to_reach(curve: list[dict], values: list[float], target: float) -> Optional[float]:
-    """Image-forwards at which a curve first reaches `target` (linear interpolation between its points)."""
-    previous = None
-    for point, value in zip(curve, values):
-        if value >= target:
-            if previous is None:
-                return float(point["forwards"])
-            (x0, y0), x1 = previous, point["forwards"]
-            return float(x0 + (x1 - x0) * (target - y0) / (value - y0)) if value > y0 else float(x1)
-        previous = (point["forwards"], value)
-    return None
+@dataclass
+class _Job:
+    """A unit of work: `fn(*make_args(results), **kwargs)`, startable once every job named in `deps` is done."""
+
+    name: str
+    fn: Callable
+    make_args: Callable[[dict[str, Any]], tuple]
+    deps: tuple[str, ...] = ()
+    kwargs: dict = field(default_factory=dict)
 
 
-def _compute_ratios(curves: dict[str, dict], reference: str, methods: list[str], metric: str) -> dict[str, Any]:
+@dataclass
+class _Outcome:
+    value: Any
+    pid: int
+    cached: bool
+    wall_seconds: float
+
+
+def _run_job(fn: Callable, args: tuple, kwargs: dict) -> _Outcome:
+    """Runs one job where it is submitted (a worker, or this process), and says where and whether it computed."""
+    hits, start = _CACHE_HITS, time.perf_counter()
+    value = fn(*args, **kwargs)
+    return _Outcome(value, os.getpid(), _CACHE_HITS > hits, round(time.perf_counter() - start, 2))
+
+
+class _InlineExecutor:
+    """The executor of `workers=1`: runs each job in this process when it is submitted."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # the scheduler re-raises it from `future.result()`
+            future.set_exception(error)
+        return future
+
+
+def _schedule(jobs: list[_Job], executor, workers: int, on_done: Optional[Callable] = None) -> tuple[dict, list]:
     """
-    For each method: the image-forwards it needs to reach the curve level (of `metric`, `"normalised_average"` or
-    `"mean_reward"`) that both it and `reference` reach, the lower of their final levels, divided by what `reference`
-    needs. `None` where the level is not above the base model's (nothing to reach).
+    Runs `jobs` on `executor`, at most `workers` at a time. Whenever a slot is free it submits the first job of the
+    list whose dependencies are done, so the list's order is the priority order. Jobs are only handed to the executor
+    when a worker is free (never queued in it), so that a job that becomes ready later (a distillation, once every
+    teacher is done) still overtakes the ones behind it in the list.
+
+    Returns:
+        `(results, records)`: job name -> what it returned, and one record per job in order of submission.
     """
-    ratios = {}
-    ref = curves[reference]
-    for method in methods:
-        own = curves[method]
-        target = min(own[metric][-1], ref[metric][-1])
-        own_cost = _compute_to_reach(own["points"], own[metric], target)
-        ref_cost = _compute_to_reach(ref["points"], ref[metric], target)
-        ratios[method] = {
-            "metric": metric,
-            "target": target,
-            "forwards": own_cost,
-            "reference_forwards": ref_cost,
-            "ratio": own_cost / ref_cost if own_cost is not None and ref_cost else None,
-        }
-    return ratios
+    order = {job.name: index for index, job in enumerate(jobs)}
+    missing = {dep for job in jobs for dep in job.deps} - set(order)
+    if missing:
+        raise ValueError(f"Unknown dependencies: {sorted(missing)}")
+    results: dict[str, Any] = {}
+    records: list[dict] = []
+    pending = list(jobs)
+    running: dict[Future, tuple[_Job, dict]] = {}
+    start = time.perf_counter()
+    try:
+        while pending or running:
+            while len(running) < workers:
+                job = next((job for job in pending if all(dep in results for dep in job.deps)), None)
+                if job is None:
+                    break
+                pending.remove(job)
+                record = {"name": job.name, "submitted": round(time.perf_counter() - start, 2)}
+                records.append(record)
+                logger.debug("%s: submitted", job.name)
+                running[executor.submit(_run_job, job.fn, job.make_args(results), job.kwargs)] = (job, record)
+            if not running:  # cannot happen with known, acyclic dependencies
+                raise RuntimeError(f"Jobs whose dependencies never finish: {[job.name for job in pending]}")
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=lambda f: order[running[f][0].name]):
+                job, record = running.pop(future)
+                outcome: _Outcome = future.result()
+                results[job.name] = outcome.value
+                record.update(
+                    finished=round(time.perf_counter() - start, 2),
+                    pid=outcome.pid,
+                    cached=outcome.cached,
+                    wall_seconds=outcome.wall_seconds,
+                )
+                if on_done is not None:
+                    on_done(job, outcome)
+    except BaseException:
+        for future in running:
+            future.cancel()
+        raise
+    return results, records
 
 
-def run_table(config: TableConfig, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
+def _init_worker(threads: int, world: str, base_fingerprints: dict[str, str], verbosity: int) -> None:
+    """A spawned worker's initializer: its threads, and the parent's fingerprints, checked against what it imported."""
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(verbosity)
+    # Each stage loads fresh pipelines: their loading bars, from several processes, would garble the parent's bar.
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    if world != _WORLD_FINGERPRINT:
+        # The world's code was edited after the run started: this worker would train on other rewards or prompts than
+        # the stages of the parent's keys, and the table would mix the two.
+        raise RuntimeError("The toy world's source changed since this run started; rerun.")
+    _BASE_FINGERPRINT.update(base_fingerprints)
+
+
+def _snapshot_base_model(output_dir: str) -> str:
     """
-    Runs every stage (or reads it from the cache), evaluates every model, and writes the table as
-    `<output_dir>.json` and `<output_dir>.md` and the curves as `<output_dir>_curves.png`.
+    A copy of the bundled base model under `output_dir` (shared by every seed), so that replacing the bundled weights
+    mid-run cannot mix two bases. Created under a temporary name and renamed, since seeds may run concurrently.
+    """
+    snapshot = Path(output_dir) / f"base_model-{base_model_fingerprint()[:12]}"
+    if not (snapshot / "model_index.json").is_file():
+        if snapshot.exists():  # left incomplete by an interrupted copy
+            shutil.rmtree(snapshot)
+        tmp = Path(output_dir) / f".{snapshot.name}.tmp-{os.getpid()}"
+        shutil.copytree(BASE_MODEL_DIR, tmp, dirs_exist_ok=True)
+        try:
+            os.rename(tmp, snapshot)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(snapshot)
+
+
+def _jobs(config: TableConfig, force: bool, show_progress: bool) -> list[_Job]:
+    """Every job of a seed, in priority order: teachers, baselines, distillations, then the evaluations."""
+    common = {"force": force, "show_progress": show_progress}
+    teachers = [teacher_name(task) for task in TASKS]
+    jobs = [_Job(teacher_name(task), train_teacher, lambda done, t=task: (config, t), (), common) for task in TASKS]
+    jobs.append(_Job("multi-task GRPO", train_multitask_grpo, lambda done: (config,), (), common))
+    jobs.append(_Job("cascade GRPO", train_cascade_grpo, lambda done: (config,), (), common))
+    for noise in (0.0, config.opd_sde_noise_level):
+
+        def opd_inputs(done, noise=noise):
+            return config, noise, {task: done[teacher_name(task)] for task in TASKS}
+
+        jobs.append(_Job(opd_name(noise), distill, opd_inputs, tuple(teachers), common))
+    trained = [job.name for job in jobs]
+    max_prompts = config.eval_prompts_per_task
+    jobs.append(_Job("eval: base", evaluate_model, lambda done: (config, "base", None, max_prompts), (), common))
+    for name in trained:
+        inputs = lambda done, n=name: (config, n, done[n], max_prompts)  # noqa: E731
+        jobs.append(_Job(f"eval: {name}", evaluate_model, inputs, (name,), common))
+    validation = {**common, "split": "validation"}
+    jobs.append(_Job("eval: base (validation)", evaluate_model, lambda done: (config, "base"), (), validation))
+    return jobs
+
+
+def run_stages(
+    config: TableConfig,
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    force: bool = False,
+    show_progress: bool = True,
+) -> StageOutputs:
+    """
+    Runs every stage of one seed (or reads it from the cache under `config.seed_dir`) and evaluates every model.
+
+    With `workers > 1` the stages run in that many worker processes (multiprocessing's "spawn" context, each with
+    `torch.set_num_threads(threads_per_worker)`), submitted in this order as workers free up: the three teachers,
+    multi-task GRPO, cascade GRPO, the two distillations (as soon as all three teachers are done), then the
+    evaluations. Each stage's compute (image-forwards, seconds) is measured inside the process that trains it. With
+    `workers=1` everything runs in this process, one stage after the other, with `threads_per_worker` threads.
 
     Args:
         config ([`TableConfig`]): the settings.
+        workers (`int`, defaults to 1): worker processes; 1 runs in this process.
+        threads_per_worker (`int`, defaults to 1): torch intra-op threads of each worker.
         force (`bool`, defaults to `False`): redo every stage, cached or not.
-        show_progress (`bool`, defaults to `True`): progress bars.
+        show_progress (`bool`, defaults to `True`): a progress bar over the stages (and, with `workers=1`, the
+            trainers' own bars).
 
     Returns:
-        `dict`: the table (what the JSON holds), plus `"markdown"` and `"paths"`.
+        [`StageOutputs`]: the trained stages and the evaluations.
     """
+    if workers < 1 or threads_per_worker < 1:
+        raise ValueError(f"`workers` and `threads_per_worker` must be >= 1, got {workers} and {threads_per_worker}.")
     started = time.perf_counter()
-    os.makedirs(config.output_dir, exist_ok=True)
+    os.makedirs(config.seed_dir, exist_ok=True)
     if config.base_model is None:
-        # Work on a snapshot of the bundled model: replacing the bundled weights mid-run must not mix two bases.
-        snapshot = Path(config.output_dir) / f"base_model-{base_model_fingerprint()[:12]}"
-        if not (snapshot / "model_index.json").is_file():
-            shutil.copytree(BASE_MODEL_DIR, snapshot, dirs_exist_ok=True)
-        config = dataclasses.replace(config, base_model=str(snapshot))
-    stages = tqdm(total=len(TASKS) + 4 + 1, desc="toy table: stages", disable=not show_progress, unit="stage")
+        config = dataclasses.replace(config, base_model=_snapshot_base_model(config.output_dir))
+    # Bars from several processes would overwrite each other: workers only report to the parent's bar.
+    jobs = _jobs(config, force, show_progress=show_progress and workers == 1)
+    bar = tqdm(total=len(jobs), desc=f"toy table, seed {config.seed}", disable=not show_progress, unit="stage")
 
-    def done(what: str) -> None:
-        stages.set_postfix_str(what)
-        stages.update()
-
-    teachers = {}
-    for task in TASKS:
-        teachers[task] = train_teacher(config, task, force=force, show_progress=show_progress)
-        done(f"teacher ({task})")
-    trained = [teachers[task] for task in TASKS]
-    trained.append(train_multitask_grpo(config, force=force, show_progress=show_progress))
-    done("multi-task GRPO")
-    trained.append(train_cascade_grpo(config, force=force, show_progress=show_progress))
-    done("cascade GRPO")
-    for noise in (0.0, config.opd_sde_noise_level):
-        trained.append(distill(config, noise, teachers, force=force, show_progress=show_progress))
-        done(trained[-1].name)
-
-    # Evaluations: the table on the test prompts, and the base model on the curve prompts (every curve's origin).
-    max_prompts = config.eval_prompts_per_task
-    base = evaluate_model(config, "base", None, max_prompts, force=force, show_progress=show_progress)
-    results = {"base": base}
-    for stage in trained:
-        results[stage.name] = evaluate_model(config, stage.name, stage, max_prompts, force, show_progress)
-    curve_base = evaluate_model(config, "base", None, force=force, show_progress=show_progress, split="validation")
-    done("evaluations")
-    stages.close()
-
-    table = _assemble(config, teachers, trained, results, curve_base)
-    # With cached stages this is the time of this invocation only; each stage's own cost is in its row.
-    table["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
-    table["markdown"] = format_markdown(table)
-    table["paths"] = _write_outputs(config, table)
-    return table
-
-
-def _assemble(config, teachers, trained, results, curve_base) -> dict[str, Any]:
-    rewards = {name: {task: _task_reward(result, task) for task in TASKS} for name, result in results.items()}
-    base = rewards["base"]
-    teacher_rewards = {task: rewards[teachers[task].name] for task in TASKS}
-    teacher_cost = {
-        "seconds": round(sum(stage.seconds for stage in teachers.values()), 2),
-        "forwards": sum(stage.forwards for stage in teachers.values()),
-    }
-    rows = [_row("base", "base", base, base, teacher_rewards, 0.0, 0, 0, 0.0, 0, 0)]
-    for stage in trained:
-        kind = "opd" if stage.name.startswith("OPD") else "teacher" if stage.name.startswith("teacher") else "baseline"
-        extra = teacher_cost if kind == "opd" else {"seconds": 0.0, "forwards": 0}
-        rows.append(
-            _row(
-                stage.name,
-                kind,
-                rewards[stage.name],
-                base,
-                teacher_rewards,
-                stage.seconds,
-                stage.forwards,
-                stage.grad_forwards,
-                stage.seconds + extra["seconds"],
-                stage.forwards + extra["forwards"],
-                stage.steps,
+    def on_done(job: _Job, outcome: _Outcome) -> None:
+        value = outcome.value
+        how = "from the cache" if outcome.cached else f"in {outcome.wall_seconds:.0f} s"
+        if isinstance(value, StageResult):
+            logger.info(
+                "%s: done %s (pid %d): %.0f s of training, %.1fk image-forwards",
+                job.name,
+                how,
+                outcome.pid,
+                value.seconds,
+                value.forwards / 1e3,
             )
-        )
-
-    # Curves: the base model on the curve prompts at zero compute, then each run's periodic evaluations.
-    curve_base_rewards = {task: _task_reward(curve_base, task) for task in TASKS}
-    curve_teachers = {task: teachers[task].curve[-1]["rewards"] for task in TASKS}
-    curves = {}
-    for stage in trained:
-        points = [{"forwards": 0, "grad_forwards": 0, "seconds": 0.0, "rewards": curve_base_rewards}] + stage.curve
-        curves[stage.name] = {
-            "points": points,
-            "normalised_average": [_normalised(p["rewards"], curve_base_rewards, curve_teachers) for p in points],
-            "mean_reward": [sum(p["rewards"].values()) / len(TASKS) for p in points],
-            **{f"reward/{task}": [p["rewards"][task] for p in points] for task in TASKS},
-        }
-    opd_names = [stage.name for stage in trained if stage.name.startswith("OPD")]
-    baselines = ["multi-task GRPO", "cascade GRPO"]
-    return {
-        "description": (
-            "Miniature Table 1 of DiffusionOPD on the toy world: single-task GRPO teachers, multi-task and cascade "
-            "GRPO baselines, and on-policy distillation of the teachers (ODE and SDE). Rewards: mean over each task's "
-            "test prompts, deterministic ODE sampler, fixed seeds."
-        ),
-        "tasks": list(TASKS),
-        "columns": {
-            "rewards": "mean reward of each task's test prompts, each scored by its own task's reward",
-            "normalised_average": (
-                "mean over tasks of (reward - base) / (teacher - base): 0 = base, 1 = every teacher; undefined (NaN) "
-                "unless every teacher beats the base model on its own task"
-            ),
-            "mean_reward": "plain mean of the task rewards",
-            "seconds": "training wall-clock seconds of the stage (periodic curve evaluations excluded)",
-            "forwards": "denoiser image-forwards of the stage (a CFG call on B latents counts 2B), training only",
-            "grad_forwards": "the image-forwards computed with gradients (each followed by a backward pass)",
-            "total_seconds": "seconds including the stages it depends on (OPD: plus the three teachers)",
-            "total_forwards": "image-forwards including the stages it depends on (OPD: plus the three teachers)",
-        },
-        "rows": rows,
-        "teachers_total": teacher_cost,
-        "teacher_gains": {task: teacher_rewards[task][task] - base[task] for task in TASKS},
-        "curves": curves,
-        "curve_definition": (
-            f"normalised average on {config.curve_prompts_per_task} validation prompts of each task (held-out "
-            "train-split prompts; same sampler and seeds as the table, but on the training pipeline), normalised by "
-            "the base model and each teacher's final point on those prompts; "
-            "x = the stage's training image-forwards (OPD: distillation only)"
-        ),
-        "compute_to_reach_multitask": {
-            metric: _compute_ratios(curves, "multi-task GRPO", opd_names + ["cascade GRPO"], metric)
-            for metric in ("normalised_average", "mean_reward", *(f"reward/{task}" for task in TASKS))
-        },
-        "compute_fraction_of_baselines": {
-            opd: {
-                base_name: {
-                    "forwards": _by_name(rows, opd)["forwards"] / max(1, _by_name(rows, base_name)["forwards"]),
-                    "seconds": _by_name(rows, opd)["seconds"] / max(1e-9, _by_name(rows, base_name)["seconds"]),
-                }
-                for base_name in baselines
-            }
-            for opd in opd_names
-        },
-        "config": config.to_dict(),
-        "evaluation": {
-            **_eval_kwargs(config),
-            "sampler": "ode",
-            "test_prompts": {task: len(results["base"].samples[task]) for task in TASKS},
-        },
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": _device(),
-            "base_model": config.base_model or "bundled toy base model",
-            "base_model_sha256": base_model_fingerprint(config.base_model)[:12],
-        },
-    }
-
-
-def _by_name(rows: list[dict], name: str) -> dict:
-    return next(row for row in rows if row["model"] == name)
-
-
-def _row(name, kind, rewards, base, teachers, seconds, forwards, grad_forwards, total_seconds, total_forwards, steps):
-    return {
-        "model": name,
-        "kind": kind,
-        "rewards": rewards,
-        "normalised_average": _normalised(rewards, base, teachers),
-        "mean_reward": sum(rewards.values()) / len(rewards),
-        "seconds": round(seconds, 1),
-        "forwards": forwards,
-        "grad_forwards": grad_forwards,
-        "total_seconds": round(total_seconds, 1),
-        "total_forwards": total_forwards,
-        "steps": steps,
-    }
-
-
-def _count(value: float) -> str:
-    """A forward count, short: 950, 12.3k, 4.56M."""
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.0f}"
-
-
-def _number(value: Optional[float]) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def format_markdown(table: dict[str, Any]) -> str:
-    """The table in Markdown, with its definitions and the compute comparison."""
-    tasks = table["tasks"]
-    header = ["model", *tasks, "norm. avg", "mean", "seconds", "forwards", "total seconds", "total forwards"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for row in table["rows"]:
-        cells = [row["model"], *(f"{row['rewards'][t]:.3f}" for t in tasks)]
-        cells += [_number(row["normalised_average"]), f"{row['mean_reward']:.3f}"]
-        cells += [f"{row['seconds']:.0f}", _count(row["forwards"])]
-        cells += [f"{row['total_seconds']:.0f}", _count(row["total_forwards"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    evaluation, teachers = table["evaluation"], table["teachers_total"]
-    counts = ", ".join(f"{task} {n}" for task, n in evaluation["test_prompts"].items())
-    lines += [
-        "",
-        f"Rewards: mean over each task's test prompts ({counts}), deterministic ODE sampler with "
-        f"{evaluation['num_inference_steps']} steps, CFG {evaluation['guidance_scale']}, seeds from "
-        f"{evaluation['seed']}. Norm. avg: {table['columns']['normalised_average']}. Mean: the plain mean of the "
-        f"three rewards. Seconds: {table['columns']['seconds']}. Forwards: {table['columns']['forwards']}. Total: "
-        f"OPD rows add the three teachers ({teachers['seconds']:.0f} s, {_count(teachers['forwards'])} forwards).",
-        "",
-        "Teachers' gain over the base model on their own task (test prompts; the normalised average divides by "
-        "these and is undefined unless all are positive): "
-        + ", ".join(f"{task} {gain:+.3f}" for task, gain in table["teacher_gains"].items())
-        + ".",
-        "",
-        "Training image-forwards to reach the level that both a method and multi-task GRPO reach on the validation "
-        "curves (the lower of their two final levels), relative to multi-task GRPO:",
-        "",
-    ]
-    labels = {"normalised_average": "normalised average", "mean_reward": "mean reward"}
-    for metric, ratios in table["compute_to_reach_multitask"].items():
-        for method, ratio in ratios.items():
-            level = f"{labels.get(metric, metric.replace('reward/', '') + ' reward')} {_number(ratio['target'])}"
-            if ratio["ratio"] is None:
-                lines.append(f"- {method}, {level}: undefined (not above the base model on both curves)")
-            else:
-                lines.append(
-                    f"- {method}, {level}: {ratio['ratio']:.2f}x ({_count(ratio['forwards'])} vs "
-                    f"{_count(ratio['reference_forwards'])})"
-                )
-    return "\n".join(lines)
-
-
-def plot_curves(table: dict[str, Any], path: str) -> None:
-    """
-    Reward on the validation prompts versus training image-forwards, for the baselines and the OPD students: one
-    panel per task (its teacher's final level dashed), the mean reward and the normalised average (OPD also dotted,
-    shifted by the teachers' compute).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks, curves = table["tasks"], table["curves"]
-    shown = [name for name in curves if not name.startswith("teacher")]
-    teachers_total = table["teachers_total"]["forwards"] / 1e6
-    teacher_levels = {task: curves[f"teacher ({task})"]["points"][-1]["rewards"][task] for task in tasks}
-    panels = [*tasks, "mean_reward"]
-    if any(math.isfinite(value) for name in shown for value in curves[name]["normalised_average"]):
-        panels.append("normalised_average")  # undefined unless every teacher beats the base model
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.6), constrained_layout=True)
-    for panel, ax in zip(panels, axes):
-        aggregate = panel not in tasks
-        for name in shown:
-            points = curves[name]["points"]
-            xs = [p["forwards"] / 1e6 for p in points]
-            ys = curves[name][panel] if aggregate else [p["rewards"][panel] for p in points]
-            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
-            if aggregate and name.startswith("OPD"):
-                shifted = [x + teachers_total for x in xs]
-                ax.plot(shifted, ys, linestyle=":", color=line.get_color(), alpha=0.7, label=f"{name} + teachers")
-        if panel in tasks:
-            level, title = teacher_levels[panel], f"{panel} reward"
-        elif panel == "mean_reward":
-            level, title = sum(teacher_levels.values()) / len(tasks), "mean reward"
         else:
-            level, title = 1.0, "normalised average"
-        ax.axhline(level, color="black", linestyle="--", linewidth=1, label="teachers' level")
-        ax.set_title(title)
-        ax.set_xlabel("training image-forwards (M)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("reward on the validation prompts")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            logger.info("%s: done %s (pid %d)", job.name, how, outcome.pid)
+        bar.set_postfix_str(job.name)
+        bar.update()
 
+    try:
+        if workers == 1:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads_per_worker)
+            try:
+                results, records = _schedule(jobs, _InlineExecutor(), 1, on_done)
+            finally:
+                torch.set_num_threads(previous)
+        else:
+            initargs = (
+                threads_per_worker,
+                world_fingerprint(),
+                {os.path.abspath(config.base_model): base_model_fingerprint(config.base_model)},
+                transformers.logging.get_verbosity(),
+            )
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
+                try:
+                    results, records = _schedule(jobs, pool, workers, on_done)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
 
-def _strict_json(value):
-    """NaN and infinities (undefined ratios) as `null`: standard JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(item) for item in value]
-    return value
-
-
-def _write_outputs(config: TableConfig, table: dict[str, Any]) -> dict[str, str]:
-    stem = os.path.normpath(config.output_dir)
-    paths = {"json": f"{stem}.json", "markdown": f"{stem}.md", "curves": f"{stem}_curves.png"}
-    payload = _strict_json({key: value for key, value in table.items() if key not in ("markdown", "paths")})
-    with open(paths["json"], "w") as file:
-        json.dump(payload, file, indent=1, default=str, allow_nan=False)
-    with open(paths["markdown"], "w") as file:
-        file.write("# Toy Table 1\n\n" + table["markdown"] + "\n")
-    plot_curves(table, paths["curves"])
-    return paths
+    teachers = {task: results[teacher_name(task)] for task in TASKS}
+    names = [*(teacher_name(task) for task in TASKS), "multi-task GRPO", "cascade GRPO"]
+    names += [opd_name(noise) for noise in (0.0, config.opd_sde_noise_level)]
+    return StageOutputs(
+        config=config,
+        teachers=teachers,
+        trained=[results[name] for name in names],
+        evaluations={"base": results["eval: base"], **{name: results[f"eval: {name}"] for name in names}},
+        curve_base=results["eval: base (validation)"],
+        jobs=records,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        wall_seconds=round(time.perf_counter() - started, 1),
+    )
