@@ -116,7 +116,7 @@ class TableConfig:
             holds beside its validation prompts.
         eval_prompts_per_task (`int`, *optional*):
             Test prompts of each task in the table (the first ones of its shuffled test split); all by default.
-        curve_prompts_per_task (`int`, defaults to 16):
+        curve_prompts_per_task (`int`, defaults to 48):
             Validation prompts of each task: train-split prompts right after the training prompts, never trained on.
             The periodic evaluations that draw the reward-versus-compute curves (and any tuning) use them, so that the
             test prompts are only used for the table.
@@ -140,9 +140,12 @@ class TableConfig:
         teacher_steps (`int`):
             Optimizer steps of each single-task teacher.
         multitask_steps (`int`, *optional*):
-            Optimizer steps of multi-task GRPO; defaults to `len(TASKS) * teacher_steps` (the teachers' total).
+            Optimizer steps of multi-task GRPO. Defaults to the fewest steps whose denoiser forwards (by
+            [`TableConfig.grpo_step_forwards`]) are at least those of OPD including its teachers (the three teachers
+            plus the ODE distillation), so that the baseline gets no less compute than the method.
         cascade_steps_per_task (`int`, *optional*):
-            Optimizer steps of cascade GRPO on each task in turn; defaults to `teacher_steps`.
+            Optimizer steps of cascade GRPO on each task in turn; defaults to `multitask_steps / len(TASKS)`, rounded
+            up (the same compute as multi-task GRPO).
         opd_learning_rate (`float`), opd_batch_size (`int`), opd_gradient_accumulation_steps (`int`),
         opd_steps (`int`), opd_sde_noise_level (`float`), opd_timestep_fraction (`float`, defaults to 0.99):
             On-policy distillation: prompts per micro-step (one image each, tasks mixed), optimizer steps, the noise
@@ -155,7 +158,7 @@ class TableConfig:
     seed: int = 0
     train_prompts_per_task: Optional[int] = None
     eval_prompts_per_task: Optional[int] = None
-    curve_prompts_per_task: int = 16
+    curve_prompts_per_task: int = 48
     curve_points: int = 5
     eval_seed: int = 0
     eval_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
@@ -171,13 +174,13 @@ class TableConfig:
     grpo_kl_scaling: str = "sigma"
     grpo_scale_rewards: str = "batch"
     num_generations: int = 8
-    grpo_prompts_per_step: int = 2
+    grpo_prompts_per_step: int = 8
     grpo_gradient_accumulation_steps: int = 1
-    grpo_sde_window_size: Optional[int] = None
+    grpo_sde_window_size: Optional[int] = 2
     grpo_sde_window_start: Optional[int] = None
     grpo_per_prompt_stat_tracking: bool = False
     grpo_timestep_fraction: float = 0.99
-    teacher_steps: int = 32
+    teacher_steps: int = 24
     multitask_steps: Optional[int] = None
     cascade_steps_per_task: Optional[int] = None
     opd_learning_rate: float = 1e-3
@@ -189,15 +192,44 @@ class TableConfig:
 
     def __post_init__(self):
         if self.multitask_steps is None:
-            self.multitask_steps = len(TASKS) * self.teacher_steps
+            opd_with_teachers = len(TASKS) * self.teacher_steps * self.grpo_step_forwards()
+            opd_with_teachers += self.opd_steps * self.opd_step_forwards()
+            self.multitask_steps = math.ceil(opd_with_teachers / self.grpo_step_forwards())
         if self.cascade_steps_per_task is None:
-            self.cascade_steps_per_task = self.teacher_steps
+            self.cascade_steps_per_task = math.ceil(self.multitask_steps / len(TASKS))
         steps = (self.teacher_steps, self.multitask_steps, self.cascade_steps_per_task, self.opd_steps)
         if min(steps) < 1 or self.curve_points < 1:
             raise ValueError(f"Every stage needs at least one step and one curve point; got steps {steps}.")
         if self.opd_sde_noise_level <= 0:
             # Noise level 0 is the ODE distillation, which is always in the table.
             raise ValueError(f"`opd_sde_noise_level` must be positive, got {self.opd_sde_noise_level}.")
+
+    def _cfg_factor(self) -> int:
+        return 2 if self.guidance_scale > 1 else 1  # a CFG call on B latents is one call on 2B
+
+    def grpo_step_forwards(self) -> int:
+        """
+        Denoiser image-forwards of one GRPO optimizer step: the rollout's `num_inference_steps` calls, then per trained
+        step one policy call (and one reference call when `grpo_beta > 0`), for every image.
+        """
+        images = self.grpo_prompts_per_step * self.num_generations * self.grpo_gradient_accumulation_steps
+        trained = max(1, int(self.grpo_timestep_fraction * self.num_inference_steps))
+        if self.grpo_sde_window_size is not None and self.grpo_sde_window_start is None:
+            trained = self.grpo_sde_window_size  # a random window lies inside the trained steps
+        elif self.grpo_sde_window_size is not None:
+            window = range(self.grpo_sde_window_start, self.grpo_sde_window_start + self.grpo_sde_window_size)
+            trained = len(set(window) & set(range(trained)))
+        calls = self.num_inference_steps + trained * (2 if self.grpo_beta > 0 else 1)
+        return images * calls * self._cfg_factor()
+
+    def opd_step_forwards(self) -> int:
+        """
+        Denoiser image-forwards of one OPD optimizer step with the fused schedule: the student's call at every rollout
+        step (the trained ones carry the gradient) plus its teacher's call at every trained step, for every prompt.
+        """
+        trained = max(1, int(self.opd_timestep_fraction * self.num_inference_steps))
+        calls = self.num_inference_steps + trained
+        return self.opd_batch_size * self.opd_gradient_accumulation_steps * calls * self._cfg_factor()
 
     @classmethod
     def quick(cls, **overrides) -> "TableConfig":

@@ -59,6 +59,12 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
             (`"none"`). With prompts that recur, the baseline averages over more samples than one group.
         stat_tracking_buffer_size (`int`, *optional*, defaults to `64`):
             Rewards kept per prompt by the tracker (the newest ones).
+        share_initial_noise (`bool`, *optional*, defaults to `False`):
+            Start every image of a group from the same initial noise (as DanceGRPO does), drawn from the seed and the
+            rollout index so that a group spread over processes shares it too. The images of a group then differ only
+            through the noise of the SDE steps, which the policy gradient credits; with different initial noises, much
+            of a group's reward spread comes from the starting point, which no trained transition chose, and enters
+            the advantages as noise. Strongest with `sde_window_size`.
 
         > SDE window (Flow-GRPO-Fast / MixGRPO)
 
@@ -91,6 +97,9 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
         default=False, metadata={"help": "Advantages from a per-prompt history of rewards (Flow-GRPO's tracker)."}
     )
     stat_tracking_buffer_size: int = field(default=64, metadata={"help": "Rewards kept per prompt by the tracker."})
+    share_initial_noise: bool = field(
+        default=False, metadata={"help": "Every image of a group starts from the same initial noise (DanceGRPO)."}
+    )
     sde_window_size: Optional[int] = field(
         default=None, metadata={"help": "Consecutive SDE (and trained) steps; the ODE elsewhere. None: all SDE."}
     )

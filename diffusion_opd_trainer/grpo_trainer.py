@@ -134,8 +134,10 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         start = time.perf_counter()
         embeds = self.encode(prompts)
         # The buffer has already counted this rollout: its index is the same on every process.
-        window = self.args.sde_window(self._buffer.micro_step - 1)
-        trajectory = self.sample_trajectories(embeds, decode=True, sde_steps=window)
+        rollout_index = self._buffer.micro_step - 1
+        window = self.args.sde_window(rollout_index)
+        latents = self._group_initial_noise(rollout_index, len(prompts)) if self.args.share_initial_noise else None
+        trajectory = self.sample_trajectories(embeds, decode=True, sde_steps=window, latents=latents)
         rollout_time = time.perf_counter() - start
         local_rewards = self.reward_set(prompts, trajectory.images, columns)
         reward_time = time.perf_counter() - start - rollout_time
@@ -165,6 +167,21 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             advantages=local_advantages.to(self.accelerator.device),
             trained_steps=[j for j in self.args.trained_step_indices if window is None or j in window],
         )
+
+    def _group_initial_noise(self, rollout_index: int, local_size: int) -> torch.Tensor:
+        """
+        This process's rows of the global batch's initial noise, one draw per group repeated `num_generations` times.
+        Drawn from a generator seeded by the seed and the rollout index, so that every process (and a resumed run)
+        draws the same, and a group spread over processes shares its noise.
+        """
+        args = self.args
+        height, width = self.image_size
+        num_groups = local_size * self.accelerator.num_processes // args.num_generations
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rollout_index + 500_009)
+        noise = self.adapter.prepare_latents(num_groups, height, width, generator)
+        noise = noise.repeat_interleave(args.num_generations, dim=0)
+        rank = self.accelerator.process_index
+        return noise[rank * local_size : (rank + 1) * local_size]
 
     def _advantages(
         self, total: torch.Tensor, prompts: Optional[list[str]] = None

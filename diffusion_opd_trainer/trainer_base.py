@@ -221,12 +221,16 @@ class DiffusionTrainerBase(Trainer):
 
     @torch.no_grad()
     def sample_trajectories(
-        self, embeds: PromptEmbeddings, decode: bool = False, sde_steps: Optional[list[int]] = None
+        self,
+        embeds: PromptEmbeddings,
+        decode: bool = False,
+        sde_steps: Optional[list[int]] = None,
+        latents: Optional[torch.Tensor] = None,
     ) -> Trajectory:
         """
         Rolls out the current policy without gradient, with the training kernel (`noise_level`, on `sde_steps` only
         when given), CFG and schedule, under the same autocast as the training forwards (so a recomputed log-prob
-        matches the stored one).
+        matches the stored one). The initial noise is `latents`, or drawn from the rollout generator.
         """
         args = self.args
         height, width = self.image_size
@@ -241,6 +245,7 @@ class DiffusionTrainerBase(Trainer):
                 height=height,
                 width=width,
                 generator=self.rollout_generator,
+                latents=latents,
                 decode=decode,
             )
 

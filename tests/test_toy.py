@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from diffusion_opd_trainer import toy
-from diffusion_opd_trainer.toy.rewards import detect_objects, edit_distance, preference_scores, read_text
+from diffusion_opd_trainer.toy.font import GLYPHS
+from diffusion_opd_trainer.toy.rewards import (
+    compositional_reward,
+    detect_objects,
+    edit_distance,
+    exact_text_reward,
+    glyph_similarities,
+    preference_scores,
+    read_text,
+    text_reward,
+)
 
 
 torch.set_num_threads(1)
@@ -71,7 +81,8 @@ def test_renderer_scores_high_and_shuffled_pairs_low(task):
     np.testing.assert_allclose(_score(task, images, dataset, with_metadata=False), scores)
     if task != "preference":  # the preference reward ignores the prompt
         shuffled = _score(task, images[np.random.default_rng(0).permutation(len(dataset))], dataset)
-        assert shuffled.mean() <= 0.25 and shuffled.mean() < scores.mean() - 0.6
+        # Dense partial credit: a wrong glyph still shares some strokes with the asked one (at most 0.3 of it).
+        assert shuffled.mean() <= (0.35 if task == "text" else 0.25) and shuffled.mean() < scores.mean() - 0.6
 
 
 def test_preference_conflicts_with_white_backgrounds():
@@ -96,6 +107,49 @@ def test_detector_and_ocr_read_the_renderer():
     assert edit_distance("kfs", "kts") == 1 and edit_distance("", "abc") == 3
     # A prompt outside the grammar scores 0 rather than failing.
     assert toy.reward_funcs()["compositional"](prompts=["a dog"], images=torch.ones(1, 3, 32, 32)) == [0.0]
+
+
+def test_text_reward_is_dense_per_glyph_similarity():
+    image = toy.render([{"task": "text", "text": "kfs", "seed": 1}])[0]
+    np.testing.assert_allclose(glyph_similarities(image, "kfs"), [1, 1, 1], atol=1e-6)
+    # Found within a pixel of where the renderer draws it.
+    np.testing.assert_allclose(glyph_similarities(torch.roll(image, 1, dims=2), "kfs"), [1, 1, 1], atol=1e-6)
+    assert glyph_similarities(torch.ones(3, 32, 32), "kfs").tolist() == [0, 0, 0]
+    # A wrong letter keeps only what it shares with the asked one: 0.23 on average over the font's pairs, 0.56 at most.
+    wrong = [
+        glyph_similarities(toy.render([{"task": "text", "text": a, "seed": 1}])[0], b)[0]
+        for a in GLYPHS
+        for b in GLYPHS
+        if a != b
+    ]
+    assert max(wrong) <= 0.6 and np.mean(wrong) <= 0.3
+    # Partial credit moves continuously: erasing the last glyph's strokes bit by bit lowers its score step by step.
+    scores = []
+    for cut in (0, 2, 4, 6):
+        damaged = image.clone()
+        damaged[:, 11 : 11 + 10, 21 : 21 + cut] = 1.0  # the third glyph's columns
+        scores.append(glyph_similarities(damaged, "kfs")[2])
+    assert scores[0] == 1.0 and all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert text_reward(['the text "kfs"'], image[None]) == [1.0]
+    assert exact_text_reward(['the text "kfs"'], image[None]) == [1.0]
+
+
+def test_compositional_reward_gives_dense_partial_credit():
+    def score(spec_objects, prompt_objects, relation=None):
+        spec = {"task": "compositional", "objects": spec_objects, "relation": relation, "seed": 5}
+        prompt = toy.caption({"task": "compositional", "objects": prompt_objects, "relation": relation})
+        return compositional_reward([prompt], toy.render([spec]))[0]
+
+    red_circle, red_square = {"color": "red", "shape": "circle"}, {"color": "red", "shape": "square"}
+    blue_square = {"color": "blue", "shape": "square"}
+    assert score([red_circle], [red_circle]) > 0.9  # the soft shape probability of a clean circle is about 0.9
+    # The asked colour with the wrong shape earns the colour half; a wrong colour earns nothing and counts as extra.
+    assert 0.4 < score([red_square], [red_circle]) < 0.6
+    assert score([blue_square], [red_circle]) == 0.0
+    # A relation is scored by how clearly it holds: right way round high, wrong way round low.
+    right = score([red_circle, blue_square], [red_circle, blue_square], "left of")
+    wrong = score([red_circle, blue_square], [blue_square, red_circle], "left of")
+    assert right > 0.9 and wrong < 0.7  # the two objects are there either way: 2 of 3 requirements
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,9 @@ def _check_forwards(rows: dict[str, dict], config: TableConfig) -> None:
     """The hook saw every denoiser call of training and none of evaluation: counts match the formulas."""
     expected = _expected_forwards(config)
     (grpo, grpo_grad), (opd, opd_grad) = expected["grpo"], expected["opd"]
+    # The formulas that size the baselines' compute agree with the hook.
+    assert (config.grpo_step_forwards(), config.opd_step_forwards()) == (grpo, opd)
+    assert config.multitask_steps * grpo >= len(toy.TASKS) * config.teacher_steps * grpo + config.opd_steps * opd
     for task in toy.TASKS:
         teacher = rows[f"teacher ({task})"]
         assert (teacher["forwards"], teacher["grad_forwards"]) == (

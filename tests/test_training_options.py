@@ -152,3 +152,20 @@ def test_gradient_cosine_in_opd(tmp_path):
         trainer.train()
         cosines = [entry["grad_cosine"] for entry in trainer.state.log_history if "grad_cosine" in entry]
         assert len(cosines) == 2 and all(-1 <= value <= 1 for value in cosines)
+
+
+def test_shared_initial_noise_per_group(tmp_path):
+    trainer = make_trainer(tmp_path, share_initial_noise=True, sde_window_size=1, sde_window_start=1)
+    batch = trainer._generate_and_score([{"prompt": p} for p in ["a red circle"] * 4 + ["a dog"] * 4])
+    start = batch.latents[:, 0]
+    # One initial noise per group of 4, different between groups ...
+    assert all(torch.equal(start[i], start[0]) for i in range(4)) and all(
+        torch.equal(start[i], start[4]) for i in range(4, 8)
+    )
+    assert not torch.equal(start[0], start[4])
+    # ... so with a window at step 1 the group's first ODE step is shared too, and the images differ from step 2 on.
+    assert all(torch.equal(batch.latents[i, 1], batch.latents[0, 1]) for i in range(4))
+    assert not torch.equal(batch.latents[0, 2], batch.latents[1, 2])
+    # A function of the seed and the rollout index: the same on every process and after a resume.
+    again = make_trainer(tmp_path / "again", share_initial_noise=True)
+    assert torch.equal(again._group_initial_noise(0, 8), trainer._group_initial_noise(0, 8))
