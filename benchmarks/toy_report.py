@@ -14,6 +14,7 @@ files present. Only seed tables made with the same settings (the configuration a
 and the toy world's fingerprints) are aggregated; the others are listed as excluded.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Any, Optional, Union
 
 from .toy_stages import (
     StageOutputs,
+    TableConfig,
     base_model_fingerprint,
     device,
     eval_kwargs,
@@ -303,8 +305,13 @@ def write_seed_table(table: dict[str, Any], output_dir: Union[str, os.PathLike])
 
 # ----- every seed ----------------------------------------------------------------------------------------------------
 def _signature(table: dict[str, Any]) -> str:
-    """What must agree for two seeds to be aggregated: the settings apart from the seed (and where things live)."""
-    config = {k: v for k, v in table["config"].items() if k not in ("seed", "output_dir", "base_model")}
+    """
+    What must agree for two seeds to be aggregated: the settings apart from the seed (and where things live). A setting
+    that a seed file predates counts as its default, so adding a field to `TableConfig` keeps older seeds comparable.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TableConfig) if f.default is not dataclasses.MISSING}
+    config = {**defaults, **table["config"]}
+    config = {k: v for k, v in config.items() if k not in ("seed", "output_dir", "base_model")}
     environment = table["environment"]
     fingerprints = {"base": environment["base_model_sha256"], "world": environment.get("world_sha256")}
     return json.dumps({"config": config, **fingerprints}, sort_keys=True, default=str)

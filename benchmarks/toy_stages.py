@@ -134,7 +134,7 @@ class TableConfig:
         grpo_scale_rewards (`str`), num_generations (`int`), grpo_prompts_per_step (`int`),
         grpo_gradient_accumulation_steps (`int`), grpo_sde_window_size (`int`, *optional*),
         grpo_sde_window_start (`int`, *optional*), grpo_per_prompt_stat_tracking (`bool`),
-        grpo_timestep_fraction (`float`):
+        grpo_timestep_fraction (`float`), grpo_share_initial_noise (`bool`):
             GRPO (teachers and both baselines): each micro-step samples `grpo_prompts_per_step` prompts x
             `num_generations` images; the others are [`DiffusionGRPOConfig`]'s settings of the same name.
         teacher_steps (`int`):
@@ -180,6 +180,7 @@ class TableConfig:
     grpo_sde_window_start: Optional[int] = None
     grpo_per_prompt_stat_tracking: bool = False
     grpo_timestep_fraction: float = 0.99
+    grpo_share_initial_noise: bool = False
     teacher_steps: int = 24
     multitask_steps: Optional[int] = None
     cascade_steps_per_task: Optional[int] = None
@@ -466,6 +467,7 @@ def grpo_args(config: TableConfig, output_dir: str, max_steps: int, show_progres
         sde_window_start=config.grpo_sde_window_start,
         per_prompt_stat_tracking=config.grpo_per_prompt_stat_tracking,
         timestep_fraction=config.grpo_timestep_fraction,
+        share_initial_noise=config.grpo_share_initial_noise,
     )
 
 
@@ -740,6 +742,20 @@ def stage_keys(config: TableConfig) -> dict[str, str]:
     return {**keys, **evals}
 
 
+def _grpo_trainer(
+    config: TableConfig, output_dir: Path, tasks: tuple[str, ...], steps: int, show_progress: bool
+) -> DiffusionGRPOTrainer:
+    """A GRPO trainer on a fresh base pipeline for `tasks`' prompts, each scored by its own task's reward."""
+    rewards = reward_funcs()
+    return DiffusionGRPOTrainer(
+        model=_load_base(config),
+        reward_funcs={task: rewards[task] for task in tasks},
+        args=grpo_args(config, str(output_dir), steps, show_progress),
+        train_dataset=_train_set(config, tasks),
+        peft_config=_lora_config(config),
+    )
+
+
 # ----- stages --------------------------------------------------------------------------------------------------------
 def train_teacher(config: TableConfig, task: str, force: bool = False, show_progress: bool = True) -> StageResult:
     """
@@ -755,14 +771,7 @@ def train_teacher(config: TableConfig, task: str, force: bool = False, show_prog
         raise ValueError(f"Unknown task {task!r}; the toy tasks are {TASKS}.")
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
-        pipe = _load_base(config)
-        trainer = DiffusionGRPOTrainer(
-            model=pipe,
-            reward_funcs={task: reward_funcs()[task]},
-            args=grpo_args(config, str(stage_dir), config.teacher_steps, show_progress),
-            train_dataset=_train_set(config, (task,)),
-            peft_config=_lora_config(config),
-        )
+        trainer = _grpo_trainer(config, stage_dir, (task,), config.teacher_steps, show_progress)
         _run_trainer(trainer, counter, config, curve, task, config.teacher_steps)
         trainer.save_model(str(stage_dir / LORA_SUBDIR))
         log_history.extend(trainer.state.log_history)
@@ -784,14 +793,7 @@ def train_multitask_grpo(config: TableConfig, force: bool = False, show_progress
     """
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
-        pipe = _load_base(config)
-        trainer = DiffusionGRPOTrainer(
-            model=pipe,
-            reward_funcs=reward_funcs(),
-            args=grpo_args(config, str(stage_dir), config.multitask_steps, show_progress),
-            train_dataset=_train_set(config),
-            peft_config=_lora_config(config),
-        )
+        trainer = _grpo_trainer(config, stage_dir, TASKS, config.multitask_steps, show_progress)
         _run_trainer(trainer, counter, config, curve, "multi-task", config.multitask_steps)
         trainer.save_model(str(stage_dir / LORA_SUBDIR))
         log_history.extend(trainer.state.log_history)
@@ -817,14 +819,7 @@ def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: 
         total_steps = 0
         for task in TASKS:
             phase_dir = stage_dir / f"phase-{task}"
-            pipe = _load_base(config)
-            trainer = DiffusionGRPOTrainer(
-                model=pipe,
-                reward_funcs={task: reward_funcs()[task]},
-                args=grpo_args(config, str(phase_dir), config.cascade_steps_per_task, show_progress),
-                train_dataset=_train_set(config, (task,)),
-                peft_config=_lora_config(config),
-            )
+            trainer = _grpo_trainer(config, phase_dir, (task,), config.cascade_steps_per_task, show_progress)
             if previous is not None:
                 state_dict, _, _ = read_lora(previous)
                 result = set_peft_model_state_dict(

@@ -145,7 +145,9 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         # A group may span processes: normalise over the gathered global batch, then keep this process's slice.
         rewards = self.accelerator.gather(local_rewards.to(self.accelerator.device)).cpu()
         total = self.reward_set.total(rewards)
-        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        all_prompts = prompts
+        if self.args.per_prompt_stat_tracking and self.accelerator.num_processes > 1:
+            all_prompts = gather_object(prompts)  # the tracker keys its history by prompt
         advantages, group_std = self._advantages(total, all_prompts)
         rank, size = self.accelerator.process_index, len(prompts)
         local_advantages = advantages[rank * size : (rank + 1) * size]

@@ -134,6 +134,17 @@ def test_text_reward_is_dense_per_glyph_similarity():
     assert exact_text_reward(['the text "kfs"'], image[None]) == [1.0]
 
 
+def test_faded_drawings_score_low():
+    # The washed-out images of a base model's training mix (`faded_fraction`): what the rewards should teach away.
+    shapes = {"task": "compositional", "objects": [{"color": "red", "shape": "circle"}], "relation": None, "seed": 1}
+    text = {"task": "text", "text": "kfs", "seed": 1}
+    for spec, reward in ((shapes, compositional_reward), (text, text_reward)):
+        crisp, faded = (torch.from_numpy(toy.render_spec(spec, fade=f)).permute(2, 0, 1)[None] for f in (0.0, 0.5))
+        prompt = [toy.caption(spec)]
+        assert reward(prompt, crisp)[0] > 0.9 and reward(prompt, faded)[0] < 0.5
+        assert faded.min() > 0.4  # washed out toward white, not a different colour
+
+
 def test_compositional_reward_gives_dense_partial_credit():
     def score(spec_objects, prompt_objects, relation=None):
         spec = {"task": "compositional", "objects": spec_objects, "relation": relation, "seed": 5}

@@ -530,3 +530,11 @@ def _check_claims(data: dict) -> None:
     kernels = claims["ode_vs_sde"]
     assert kernels["ratio_sde_over_ode"] is None or kernels["ratio_sde_over_ode"] > 0
     assert kernels["holds"] is (None if kernels["ratio_sde_over_ode"] is None else kernels["ratio_sde_over_ode"] > 1)
+
+
+def test_teacher_probe_parses_table_settings():
+    probe = _load_script(ROOT / "benchmarks" / "toy_teacher_probe.py")
+    settings = probe.parse_settings(["grpo_beta=0.04", "grpo_share_initial_noise=true", "grpo_kl_scaling=exact"])
+    assert settings == {"grpo_beta": 0.04, "grpo_share_initial_noise": True, "grpo_kl_scaling": "exact"}
+    with pytest.raises(SystemExit, match="TableConfig field"):
+        probe.parse_settings(["grpo_betta=0.04"])

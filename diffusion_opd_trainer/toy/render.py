@@ -97,7 +97,12 @@ def _background(spec: dict, style: Optional[str], rng: np.random.Generator, reso
     return np.broadcast_to(start + (end - start) * ramp, (resolution, resolution, 3)).copy()
 
 
-def _draw_objects(image: np.ndarray, spec: dict, rng: np.random.Generator) -> np.ndarray:
+def _faded(color: Sequence[float], fade: float) -> tuple[float, ...]:
+    """`color` washed out toward white by `fade` (0: unchanged, 1: white)."""
+    return tuple(c + (1.0 - c) * fade for c in color)
+
+
+def _draw_objects(image: np.ndarray, spec: dict, rng: np.random.Generator, fade: float = 0.0) -> np.ndarray:
     resolution = image.shape[0]
     instances = [(obj["color"], obj["shape"]) for obj in spec["objects"] for _ in range(obj.get("count", 1))]
     low, high = _object_size_range(len(instances), resolution)
@@ -108,7 +113,7 @@ def _draw_objects(image: np.ndarray, spec: dict, rng: np.random.Generator) -> np
     draw = ImageDraw.Draw(canvas)
     for (color, shape), (x, y), size in zip(instances, corners, sizes):
         box = (x * k, y * k, (x + size) * k - 1, (y + size) * k - 1)
-        fill = _to_uint8(COLORS[color])
+        fill = _to_uint8(_faded(COLORS[color], fade))
         if shape == "circle":
             draw.ellipse(box, fill=fill)
         elif shape == "square":
@@ -131,13 +136,14 @@ def text_layout(length: int, resolution: int) -> tuple[int, int, int]:
     return scale, (resolution - width) // 2, (resolution - height) // 2
 
 
-def _draw_text(image: np.ndarray, text: str) -> np.ndarray:
+def _draw_text(image: np.ndarray, text: str, fade: float = 0.0) -> np.ndarray:
     scale, x0, y0 = text_layout(len(text), image.shape[0])
+    ink_color = _faded(_INK, fade)
     height = GLYPH_HEIGHT * scale
     for i, letter in enumerate(text):
         ink = np.kron(GLYPHS[letter], np.ones((scale, scale), dtype=np.float32)).astype(bool)
         x = x0 + i * (GLYPH_WIDTH + 1) * scale
-        image[y0 : y0 + height, x : x + GLYPH_WIDTH * scale][ink] = _INK
+        image[y0 : y0 + height, x : x + GLYPH_WIDTH * scale][ink] = ink_color
     return image
 
 
@@ -146,6 +152,7 @@ def render_spec(
     resolution: int = DEFAULT_RESOLUTION,
     background: Optional[str] = None,
     rng: Optional[np.random.Generator] = None,
+    fade: float = 0.0,
 ) -> np.ndarray:
     """
     Draws one spec.
@@ -157,6 +164,9 @@ def render_spec(
             (the spec's own, if it names one) for the preference task.
         rng (`np.random.Generator`, *optional*): draws the layout (and background); by default the spec's `seed`
             (0 if it has none), so that a spec always renders the same image.
+        fade (`float`, defaults to 0): draws the shapes or the ink washed out toward white by this fraction, the
+            lower-quality images of the base model's training mix (see `toy/train_base.py`); the world's ground truth
+            is crisp (0).
 
     Returns:
         `np.ndarray` of shape `(resolution, resolution, 3)`, float32 in `[0, 1]`.
@@ -167,8 +177,8 @@ def render_spec(
         rng = np.random.default_rng(spec.get("seed", 0))
     image = _background(spec, background, rng, resolution)
     if spec["task"] == "text":
-        return _draw_text(image, spec["text"])
-    return _draw_objects(image, spec, rng)
+        return _draw_text(image, spec["text"], fade)
+    return _draw_objects(image, spec, rng, fade)
 
 
 def render(rows, resolution: int = DEFAULT_RESOLUTION) -> torch.Tensor:

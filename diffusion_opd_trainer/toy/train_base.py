@@ -58,6 +58,10 @@ class TrainBaseConfig:
         num_images (`int`, defaults to 16000): size of the rendered training set.
         task_weights (`tuple[float, float, float]`): sampling weights of the compositional, text and preference
             tasks in the training set.
+        faded_fraction (`float`, defaults to 0): the fraction of compositional and text training images drawn washed
+            out toward white (`fade_range`, defaults to 0.4-0.6): shapes in pale colours that the detector does not
+            recognise, text in grey ink that the reader barely sees. Like the posters' mixed backgrounds, this gives
+            the base model a failure that does not depend on the prompt, which RL can fix with few samples.
         vae_steps (`int`), vae_batch_size (`int`), vae_lr (`float`): the VAE's training.
         transformer_steps (`int`), batch_size (`int`), lr (`float`), warmup_steps (`int`), ema_decay (`float`),
             caption_dropout (`float`): the transformer's training.
@@ -76,6 +80,8 @@ class TrainBaseConfig:
     resolution: int = DEFAULT_RESOLUTION
     num_images: int = 16000
     task_weights: tuple = (0.5, 0.3, 0.2)
+    faded_fraction: float = 0.0
+    fade_range: tuple = (0.4, 0.6)
     vae_steps: int = 300
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
@@ -109,7 +115,12 @@ def build_training_set(config: TrainBaseConfig) -> tuple[np.ndarray, list[str]]:
         spec = {k: v for k, v in spec.items() if k not in ("seed", "background")}  # fresh layout and background
         # Posters come with backgrounds of mixed quality (see the module docstring); the other tasks are on white.
         background = ("white", "pastel", "vivid")[int(rng.integers(3))] if task == "preference" else None
-        image = render_spec(spec, resolution=config.resolution, background=background, rng=rng)
+        # Likewise a `faded_fraction` of the shapes and texts are washed out (the draw is skipped when it is 0, so
+        # that the data of a model trained without fading stays bitwise the same).
+        fade = 0.0
+        if config.faded_fraction > 0 and task != "preference" and rng.random() < config.faded_fraction:
+            fade = float(rng.uniform(*config.fade_range))
+        image = render_spec(spec, resolution=config.resolution, background=background, rng=rng, fade=fade)
         images[i] = np.round(image * 255).astype(np.uint8)
         prompts.append(caption(spec))
     return images, prompts
@@ -401,12 +412,14 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainBaseConfig:
     for name in ("num_images", "vae_steps", "transformer_steps", "batch_size", "eval_prompts_per_task"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"default {getattr(defaults, name)}")
     parser.add_argument("--lr", type=float, default=None, help=f"default {defaults.lr}")
+    parser.add_argument("--faded_fraction", type=float, default=None, help=f"default {defaults.faded_fraction}")
     args = parser.parse_args(argv)
     config = TrainBaseConfig(output_dir=args.output_dir, seed=args.seed, num_threads=args.num_threads)
     if args.smoke:
         config.num_images, config.vae_steps, config.transformer_steps = 256, 3, 3
         config.vae_batch_size, config.batch_size, config.eval_prompts_per_task, config.log_every = 16, 16, 2, 1
-    for name in ("num_images", "vae_steps", "transformer_steps", "batch_size", "eval_prompts_per_task", "lr"):
+    overrides = ("num_images", "vae_steps", "transformer_steps", "batch_size", "eval_prompts_per_task", "lr")
+    for name in (*overrides, "faded_fraction"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return config
