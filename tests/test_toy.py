@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 # The base model's per-task mean reward on the first BAND_PROMPTS test prompts of each task (ODE, the toy's default
 # steps and guidance, seed 0): the bands reported in docs/toy_world.md, between chance and the renderer.
 BAND_PROMPTS = 24
-BASE_MODEL_BANDS = {"compositional": (0.15, 0.4), "text": (0.25, 0.6), "preference": (0.55, 0.85)}
+BASE_MODEL_BANDS = {"compositional": (0.25, 0.55), "text": (0.35, 0.7), "preference": (0.55, 0.85)}
 
 
 def _score(task, images, dataset, with_metadata=True):
