@@ -225,8 +225,6 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
             parts = self._backward_in_halves(
                 lambda rows, weight: self._fused_step(model, embeds[rows], tasks[rows], weight), len(prompts)
             )
-            loss = sum(part[0] for part in parts)
-            kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
             final_latents = torch.cat([part[2] for part in parts])
         else:
             cached, fresh = self._buffer.get(
@@ -235,9 +233,10 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
             parts = self._backward_in_halves(
                 lambda rows, weight: self._train_on_rollout(model, cached[rows], weight), len(prompts)
             )
-            loss = sum(part[0] for part in parts)
-            kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
             final_latents = cached.latents[:, -1] if fresh else None
+        # The halves' losses add up; their per-sample step KLs join back into the batch's.
+        loss = sum(part[0] for part in parts)
+        kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
         self._record_kl(kls, tasks)
         if self.eval_reward_set is not None and final_latents is not None:
             self._record_proxy_rewards(final_latents, prompts, columns)

@@ -116,9 +116,8 @@ def _shape_probabilities(skewness: float, corner_fill: float) -> dict[str, float
     return {"triangle": float(triangle), "square": float(square), "circle": float(1.0 - triangle - square)}
 
 
-def _shape_of(alpha: np.ndarray) -> str:
-    """Circle, square or triangle from a shape's coverage map (see [`_shape_features`])."""
-    skewness, corner_fill = _shape_features(alpha)
+def _shape_of(skewness: float, corner_fill: float) -> str:
+    """Circle, square or triangle from a shape's two features (see [`_shape_features`])."""
     if skewness < -0.25:
         return "triangle"
     return "square" if corner_fill > 0.5 else "circle"
@@ -163,7 +162,7 @@ def detect_objects(image, min_area: Optional[int] = None) -> list[dict]:
             objects.append(
                 {
                     "color": name,
-                    "shape": "triangle" if features[0] < -0.25 else "square" if features[1] > 0.5 else "circle",
+                    "shape": _shape_of(*features),
                     "shape_probabilities": probabilities,
                     "x": float(blob[:, 1].mean()),
                     "y": float(blob[:, 0].mean()),
@@ -375,6 +374,15 @@ def glyph_similarities(image, text: str) -> np.ndarray:
     return best
 
 
+def _score_texts(prompts: Sequence[str], images, metadata: Optional[Sequence], score) -> list[float]:
+    """`score(image (3, H, W), asked string)` of every image, 0 for a prompt that asks for no text."""
+    scores = []
+    for image, spec in zip(_as_numpy_images(images), _specs(prompts, metadata)):
+        target = (spec or {}).get("text")
+        scores.append(float(score(image.transpose(2, 0, 1), target)) if target else 0.0)
+    return scores
+
+
 def text_reward(prompts: Sequence[str], images, metadata: Optional[Sequence] = None, **kwargs) -> list[float]:
     """
     OCR-like reward of the text task: the mean over the asked glyphs of their similarity to the asked letter at its
@@ -390,15 +398,7 @@ def text_reward(prompts: Sequence[str], images, metadata: Optional[Sequence] = N
     Returns:
         `list[float]`: one score in `[0, 1]` per image (0 for a prompt that asks for no text).
     """
-    pixels = _as_numpy_images(images)
-    scores = []
-    for image, spec in zip(pixels, _specs(prompts, metadata)):
-        target = (spec or {}).get("text")
-        if not target:
-            scores.append(0.0)
-            continue
-        scores.append(float(glyph_similarities(image.transpose(2, 0, 1), target).mean()))
-    return scores
+    return _score_texts(prompts, images, metadata, lambda image, target: glyph_similarities(image, target).mean())
 
 
 def exact_text_reward(prompts: Sequence[str], images, metadata: Optional[Sequence] = None, **kwargs) -> list[float]:
@@ -407,17 +407,13 @@ def exact_text_reward(prompts: Sequence[str], images, metadata: Optional[Sequenc
     string (of length `L`) and the string read by [`read_text`], and `d = 0` when the read string contains the asked
     one. A coarse check of [`text_reward`] (four levels for three glyphs), not a training reward.
     """
-    pixels = _as_numpy_images(images)
-    scores = []
-    for image, spec in zip(pixels, _specs(prompts, metadata)):
-        target = (spec or {}).get("text")
-        if not target:
-            scores.append(0.0)
-            continue
-        read = read_text(image.transpose(2, 0, 1))
+
+    def score(image: np.ndarray, target: str) -> float:
+        read = read_text(image)
         distance = 0 if target in read else edit_distance(read, target)
-        scores.append(1.0 - min(distance, len(target)) / len(target))
-    return scores
+        return 1.0 - min(distance, len(target)) / len(target)
+
+    return _score_texts(prompts, images, metadata, score)
 
 
 exact_text_reward.__name__ = "exact_text"
