@@ -93,6 +93,8 @@ def main(script_args: ScriptArguments, training_args: DiffusionGRPOConfig) -> No
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
+    # Every process waits for the main one to finish saving: a rank that tears gloo down early aborts the run.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
 
