@@ -13,7 +13,7 @@ from peft import LoraConfig
 
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.lora import STUDENT_ADAPTER, adapter_state_dict
-from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
+from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline, tiny_sd_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
@@ -36,6 +36,7 @@ GRPO_CHECKSUMS = {
     "beta_kl_cfg": "237fbedf48231b78ce06bbbc9e73a7e854bf68334bc72a2eb994c2b30797a25f",
     "window_shared_noise_cosine": "2237db4878475a7a00332912e9d6dc33afcd3ef148deb43e920d91884e768ec0",
     "iterations2": "54afb4cfaee63d39ea7491ccc2e9e7f69f54ae925c9a197e62f2f4fdbc2fedc9",
+    "sd_ddim": "54d9bd5cc66e1af6553b46e5c094875cc5d2e359a9fd1059d7f8aff36187ad23",
 }
 # The ODE's fused and two-pass schedules compute the same gradient, to the bit: their checksums agree.
 OPD_CHECKSUMS = {
@@ -53,6 +54,7 @@ GRPO_CASES = {
         beta=0.04, sde_window_size=1, share_initial_noise=True, log_gradient_cosine=True
     ),
     "iterations2": dict(beta=0.0, num_iterations=2, kl_scaling="exact", per_prompt_stat_tracking=True),
+    "sd_ddim": dict(beta=0.04, kl_scaling="exact", scale_rewards="group"),
 }
 OPD_CASES = {
     "fused_ode_analytic": dict(rollout_schedule="fused"),
@@ -97,7 +99,7 @@ def test_grpo_weights_are_bit_identical(tmp_path, case):
         **{**COMMON, "per_device_train_batch_size": 4, "num_generations": 2, **GRPO_CASES[case]},
     )
     trainer = DiffusionGRPOTrainer(
-        tiny_sd3_pipeline(seed=0),
+        tiny_sd_pipeline(seed=0) if case.startswith("sd_") else tiny_sd3_pipeline(seed=0),
         reward_funcs=image_mean_reward,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
