@@ -1,11 +1,11 @@
-"""Fields shared by the GRPO and OPD configs: sampling, kernel, trained timesteps, EMA."""
+"""Fields shared by the GRPO and OPD configs: sampling, kernel, trained timesteps, rollout reuse, EMA."""
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import TrainingArguments
 
-from .sde import KL_SCALINGS
+from .losses import KL_SCALINGS
 
 
 @dataclass
@@ -37,13 +37,18 @@ class DiffusionTrainingConfig(TrainingArguments):
 
         > Kernel and trained timesteps
 
-        noise_level (`float`):
+        noise_level (`float`, *optional*, defaults to `0.7`):
             Noise level `a` of the flow SDE (DDIM's `eta` for DDIM schedulers): `sigma_t = a * sqrt(t / (1 - t))`.
-            0 gives the deterministic (ODE) sampler.
-        kl_scaling (`str`):
+            0 gives the deterministic (ODE) sampler, which has no log-probabilities: a policy-gradient loss (GRPO,
+            OPD's estimators) needs `noise_level > 0`. [`DiffusionOPDConfig`] defaults to 0.
+        kl_scaling (`str`, *optional*, defaults to `"exact"`):
             `"exact"`: the step KL `||mu - mu'||^2 / (2 s^2)` with `s = sigma_t * sqrt(|dt|)` the transition std.
             `"sigma"`: divide by `2 sigma_t^2` instead (`= exact KL * |dt|`), the convention of Flow-GRPO and the
-            public DiffusionOPD code, whose `beta` and learning rates are tuned to it.
+            public DiffusionOPD code, whose `beta` and learning rates are tuned to it. [`DiffusionGRPOConfig`]
+            defaults to `"sigma"`.
+        epsilon (`float`, *optional*, defaults to `1e-4`):
+            Clip range of the policy ratio in the clipped surrogate (GRPO's loss, OPD's `"policy_gradient"` loss),
+            tuned for log-probs averaged over latent dimensions, as Flow-GRPO's.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train on the first `int(timestep_fraction * num_inference_steps)` steps of each rollout (at least one).
             The default trains on all but the last step: that step ends at sigma = 0 with a tiny std, so its exact KL
@@ -52,6 +57,8 @@ class DiffusionTrainingConfig(TrainingArguments):
             Explicit step indices (0 = the first, noisiest step) to train on; overrides `timestep_fraction`.
         eval_seed (`int`, *optional*, defaults to `0`):
             Seed of the initial noise in `evaluate`, so evaluations are comparable across checkpoints.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Optimizer steps per rollout (PPO epochs); 1 is on-policy, and the policy ratio is then exactly 1.
 
         > EMA of the LoRA weights
 
@@ -97,11 +104,13 @@ class DiffusionTrainingConfig(TrainingArguments):
     max_sequence_length: Optional[int] = field(default=None, metadata={"help": "T5 sequence length (SD3 family)."})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (DDIM eta); 0 = ODE."})
     kl_scaling: str = field(default="exact", metadata={"help": "'exact' step KL, or 'sigma' (= exact KL * |dt|)."})
+    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the policy ratio."})
     timestep_fraction: float = field(default=0.99, metadata={"help": "Train on int(fraction * steps) first steps."})
     train_timestep_indices: Optional[list[int]] = field(
         default=None, metadata={"help": "Explicit step indices to train on (overrides timestep_fraction)."}
     )
     eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation noise."})
+    num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per rollout (1 = on-policy)."})
     ema: bool = field(default=False, metadata={"help": "Keep an EMA of the LoRA weights for evaluation and saving."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per update."})
     ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
@@ -120,6 +129,17 @@ class DiffusionTrainingConfig(TrainingArguments):
             raise ValueError("`num_inference_steps` and `eval_num_inference_steps` must be at least 1.")
         if self.noise_level < 0:
             raise ValueError(f"`noise_level` must be >= 0, got {self.noise_level}.")
+        stochastic_loss = self._stochastic_loss()
+        if stochastic_loss is not None and self.noise_level == 0:
+            raise ValueError(
+                f"{stochastic_loss} needs a stochastic kernel (`noise_level` > 0, e.g. 0.7 as in Flow-GRPO): the ODE "
+                "(noise_level=0) is deterministic, so its transitions have no log-probability and the policy "
+                "gradient is undefined."
+            )
+        if self.epsilon <= 0:
+            raise ValueError(f"`epsilon` must be > 0, got {self.epsilon}.")
+        if self.num_iterations < 1:
+            raise ValueError(f"`num_iterations` must be >= 1, got {self.num_iterations}.")
         if self.kl_scaling not in KL_SCALINGS:
             raise ValueError(f"`kl_scaling` must be one of {KL_SCALINGS}, got {self.kl_scaling!r}.")
         if not 0 < self.timestep_fraction <= 1:
@@ -135,6 +155,10 @@ class DiffusionTrainingConfig(TrainingArguments):
             raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
         if self.ema_update_interval < 1:
             raise ValueError(f"`ema_update_interval` must be >= 1, got {self.ema_update_interval}.")
+
+    def _stochastic_loss(self) -> Optional[str]:
+        """The loss that needs log-probabilities (so `noise_level > 0`), named for errors; `None` if none does."""
+        return None
 
     @property
     def trained_step_indices(self) -> list[int]:

@@ -164,10 +164,10 @@ def load_lora(pipeline, source: Union[str, os.PathLike], adapter_name: str = EVA
     code as the OPD teachers.
     """
     from .lora import load_adapter, read_lora
-    from .models import get_adapter
+    from .pipelines import get_family
     from .teachers import resolve_source
 
-    family = get_adapter(pipeline)
+    family = get_family(pipeline)
     path = resolve_source(source, "Evaluation LoRA")
     state_dict, config, _ = read_lora(path, family.denoiser_name)
     load_adapter(family.denoiser, state_dict, config, adapter_name, repr(os.fspath(source)))

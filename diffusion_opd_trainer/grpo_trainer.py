@@ -1,6 +1,5 @@
 """GRPO for diffusion pipelines (Flow-GRPO, arXiv 2505.05470) as a `transformers.Trainer`."""
 
-import contextlib
 import logging
 import os
 import time
@@ -12,15 +11,14 @@ from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
-from trl.trainer.utils import nanstd
 
 from .grpo_config import DiffusionGRPOConfig
-from .lora import active_adapter
-from .models import PromptEmbeddings
-from .sampling import RolloutBuffer, RolloutSampler
+from .losses import grpo_loss
+from .pipelines import PromptEmbeddings
 from .scoring import RewardFuncs, RewardSet
-from .sde import scale_kl, sde_step, step_kl
+from .sde import sde_step
 from .stat_tracking import PerPromptStatTracker
+from .targets import group_advantages, reference_means
 from .trainer_base import DiffusionTrainerBase
 
 
@@ -84,6 +82,8 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
 
     _tag_names = ["grpo", "flow-grpo", "reinforcement-learning"]
     _method_name = "GRPO on flow matching (Flow-GRPO, arXiv 2505.05470)"
+    _config_class = DiffusionGRPOConfig
+    _name_suffix = "GRPO"
 
     def __init__(
         self,
@@ -96,11 +96,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         callbacks: Optional[list[TrainerCallback]] = None,
         optimizers: tuple = (None, None),
     ):
-        if args is None:
-            name = model if isinstance(model, str) else type(model).__name__
-            args = DiffusionGRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
-        if not isinstance(args, DiffusionGRPOConfig):
-            raise TypeError(f"`args` must be a DiffusionGRPOConfig, got {type(args).__name__}.")
+        args = self._resolve_args(model, args)
         self.reward_set = RewardSet(reward_funcs, args.reward_weights)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if self.reward_set.routed and dataset is not None:
@@ -108,21 +104,11 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
                     raise ValueError(f"Per-task rewards need a `task` column in `{name}`.")
                 self.reward_set.check_tasks(set(dataset["task"]), f"`{name}`")
         super().__init__(model, args, train_dataset, eval_dataset, peft_config, callbacks, optimizers)
-        self._buffer = RolloutBuffer(args.gradient_accumulation_steps, args.num_iterations)
         self.stat_tracker = PerPromptStatTracker(args.stat_tracking_buffer_size)
 
     # ----- data ------------------------------------------------------------------------------------------------------
-    def _get_train_sampler(self, train_dataset=None) -> RolloutSampler:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        args = self.args
-        return RolloutSampler(
-            len(dataset),
-            micro_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes,
-            group_size=args.num_generations,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            num_iterations=args.num_iterations,
-            seed=args.seed,
-        )
+    def _sampler_options(self, dataset) -> dict[str, Any]:
+        return {"group_size": self.args.num_generations}
 
     def _eval_reward_set(self) -> RewardSet:
         return self.reward_set
@@ -180,7 +166,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         height, width = self.image_size
         num_groups = local_size * self.accelerator.num_processes // args.num_generations
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rollout_index + 500_009)
-        noise = self.adapter.prepare_latents(num_groups, height, width, generator)
+        noise = self.family.prepare_latents(num_groups, height, width, generator)
         noise = noise.repeat_interleave(args.num_generations, dim=0)
         rank = self.accelerator.process_index
         return noise[rank * local_size : (rank + 1) * local_size]
@@ -188,29 +174,16 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     def _advantages(
         self, total: torch.Tensor, prompts: Optional[list[str]] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Group-relative advantages of the global batch (consecutive `num_generations` rows form a group), or
-        per-prompt-history ones with `per_prompt_stat_tracking`. Also returns each group's reward std.
-        """
+        """The group advantages of the global batch and each group's reward std (see [`~targets.group_advantages`])."""
         args = self.args
-        grouped = total.view(-1, args.num_generations)
-        group_std = nanstd(grouped, dim=1)
-        if args.per_prompt_stat_tracking:
-            if prompts is None:
-                raise ValueError("Per-prompt stat tracking needs the prompts of the rewards.")
-            mean, std = self.stat_tracker.update(prompts, total)
-            centred = total - mean
-            if args.scale_rewards == "group":
-                centred = centred / (std + 1e-4)
-        else:
-            centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).flatten()
-            if args.scale_rewards == "group":
-                centred = centred / (group_std.repeat_interleave(args.num_generations) + 1e-4)
-        if args.scale_rewards == "batch":
-            centred = centred / (nanstd(total) + 1e-4)
-        # An image no reward scored contributes no gradient.
-        advantages = torch.nan_to_num(centred.float(), nan=0.0)
-        return advantages.clamp(-args.adv_clip_max, args.adv_clip_max), group_std
+        return group_advantages(
+            total,
+            args.num_generations,
+            scale_rewards=args.scale_rewards,
+            adv_clip_max=args.adv_clip_max,
+            stat_tracker=self.stat_tracker if args.per_prompt_stat_tracking else None,
+            prompts=prompts,
+        )
 
     # ----- policy update ---------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -227,44 +200,39 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     def _policy_update(self, model, batch: _ScoredRollout, weight: float = 1.0) -> torch.Tensor:
         """Backpropagates the clipped surrogate (plus `beta` KL) of each trained step, scaled by `weight`."""
         args = self.args
-        steps = batch.trained_steps
-        scale = self.loss_scale(len(steps)) * weight
-        scheduler = self.adapter.scheduler
-        advantages = batch.advantages
-        total_loss = torch.zeros((), device=self.accelerator.device)
-        stats = {"policy_loss": [], "kl": [], "clip_ratio": [], "ratio": []}
-        for k, j in enumerate(steps):
+
+        def step_loss(j: int):
             x, x_next, t = batch.latents[:, j], batch.latents[:, j + 1], batch.timesteps[j]
             reference_mean = None
             if args.beta > 0:
-                reference = active_adapter(self.unwrapped_denoiser, None)
-                with torch.no_grad(), reference, self.compute_loss_context_manager():
-                    v_ref = self.adapter.predict(x, t, batch.prompt_embeds, args.guidance_scale)
-                    reference_mean = sde_step(
-                        scheduler, v_ref, t, x, noise_level=args.noise_level, prev_sample=x_next
-                    ).mean
-            # Under DDP only the last backward of the step synchronises gradients.
-            sync = k == len(steps) - 1
-            with self.accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                with self.compute_loss_context_manager():
-                    v = self.adapter.predict(x, t, batch.prompt_embeds, args.guidance_scale, denoiser=model)
-                step = sde_step(scheduler, v, t, x, noise_level=args.noise_level, prev_sample=x_next)
-                ratio = torch.exp(step.log_prob - batch.log_probs[:, j])
-                unclipped = -advantages * ratio
-                clipped = -advantages * torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon)
-                policy_loss = torch.maximum(unclipped, clipped).mean()
-                loss = policy_loss
-                if reference_mean is not None:
-                    kl = scale_kl(step_kl(step.mean, reference_mean, step.std), step, args.kl_scaling).mean()
-                    loss = loss + args.beta * kl
-                    stats["kl"].append(kl.item())
-                self.accelerator.backward(loss * scale)
-            total_loss += loss.detach() * scale
-            stats["policy_loss"].append(policy_loss.item())
-            stats["clip_ratio"].append(((ratio - 1).abs() > args.epsilon).float().mean().item())
-            stats["ratio"].append(ratio.mean().item())
-        self._record("train", **{key: sum(v) / len(v) for key, v in stats.items() if v})
-        return total_loss
+                reference_mean = reference_means(
+                    self.family,
+                    x,
+                    t,
+                    batch.prompt_embeds,
+                    guidance_scale=args.guidance_scale,
+                    noise_level=args.noise_level,
+                    autocast=self.compute_loss_context_manager,
+                )
+            with self.compute_loss_context_manager():
+                v = self.family.predict(x, t, batch.prompt_embeds, args.guidance_scale, denoiser=model)
+            step = sde_step(self.family.scheduler, v, t, x, noise_level=args.noise_level, prev_sample=x_next)
+            return grpo_loss(
+                step,
+                batch.log_probs[:, j],
+                batch.advantages,
+                epsilon=args.epsilon,
+                beta=args.beta,
+                reference_mean=reference_mean,
+                kl_scaling=args.kl_scaling,
+            )
+
+        loss, stats = self.train_on_steps(model, batch.trained_steps, step_loss, weight)
+        self._record_across_processes(
+            "train",
+            **{key: torch.stack([s[key] for s in stats.values()]).mean() for key in stats[batch.trained_steps[0]]},
+        )
+        return loss
 
     def _model_card_sections(self) -> list[str]:
         args = self.args

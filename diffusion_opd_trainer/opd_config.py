@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .diffusion_config import DiffusionTrainingConfig
+from .losses import LOSS_TYPES
 
 
-LOSS_TYPES = ("analytic", "policy_gradient", "score_function")
 TASK_MIXING = ("mixed", "round_robin")
 SCHEDULES = ("auto", "fused", "two_pass")
 
@@ -29,8 +29,6 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             Noise level of the student's rollouts and of the teachers' transitions (they always share it: the KL is
             exact only because both Gaussians have the same covariance). 0 (the paper's default) is the ODE with the
             mean-matching loss `0.5 ||mu_S - mu_T||^2`; > 0 the SDE with the exact KL `||mu_S - mu_T||^2 / (2 s^2)`.
-        kl_scaling (`str`, *optional*, defaults to `"exact"`):
-            `"exact"` or `"sigma"` (the public code's division by `2 sigma_t^2`, i.e. exact KL times `|dt|`).
         loss_type (`str`, *optional*, defaults to `"analytic"`):
             `"analytic"`: the closed-form step KL (or mean matching at noise 0), differentiated directly.
             `"policy_gradient"`: the paper's Sec. 3.3 surrogate, advantage `A_j = -KL_j` kept differentiable inside
@@ -38,16 +36,12 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             `"score_function"`: the detached sampled log-ratio `log pi_S(x_{j+1}|x_j) - log pi_T(x_{j+1}|x_j)` as a
             per-step cost with the score function alone (LLM on-policy distillation's estimator), scaled to the same
             expected gradient as the analytic loss. Both estimators need a stochastic kernel (`noise_level > 0`).
-        epsilon (`float`, *optional*, defaults to `1e-4`):
-            Clip range of the ratio in the `"policy_gradient"` surrogate.
         teacher_guidance_scales (`dict[str, float]` or JSON `str`, *optional*):
             CFG scale of each task's teacher (e.g. `{"ocr": 1.0}` for a CFG-free teacher). Teachers not listed use
             their source's own scale, else `guidance_scale`.
         task_mixing (`str`, *optional*, defaults to `"mixed"`):
             `"mixed"`: each batch mixes tasks, every prompt routed to its task's teacher. `"round_robin"`: each step's
             batch holds one task's prompts, tasks taking turns.
-        num_iterations (`int`, *optional*, defaults to `1`):
-            Optimizer steps per rollout batch. 1 is exactly on-policy (the paper's setting).
         rollout_schedule (`str`, *optional*, defaults to `"auto"`):
             `"fused"`: one pass per step, the student's rollout forward also carrying the gradient (student forward
             with grad, teacher forward without, backward, advance with the detached next state), so no separate no-grad
@@ -59,14 +53,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Prompts (= images) per device per step."})
     noise_level: float = field(default=0.0, metadata={"help": "Shared noise level of student and teachers; 0 = ODE."})
-    kl_scaling: str = field(default="exact", metadata={"help": "'exact' step KL or 'sigma' (exact KL * |dt|)."})
     loss_type: str = field(default="analytic", metadata={"help": "'analytic', 'policy_gradient' or 'score_function'."})
-    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the policy_gradient surrogate."})
     teacher_guidance_scales: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "Per-task teacher CFG scale, e.g. '{\"ocr\": 1.0}'."}
     )
     task_mixing: str = field(default="mixed", metadata={"help": "'mixed' batches or 'round_robin' by task."})
-    num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per rollout batch (1 = on-policy)."})
     rollout_schedule: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'two_pass'."})
     log_per_step_kl: bool = field(default=False, metadata={"help": "Log the KL of each trained step."})
 
@@ -74,18 +65,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
-        if self.loss_type != "analytic" and self.noise_level == 0:
-            raise ValueError(
-                f"`loss_type={self.loss_type!r}` is a policy-gradient estimator: it needs a stochastic kernel, but "
-                "`noise_level=0` is the deterministic ODE (no log-probabilities). Use loss_type='analytic' (mean "
-                "matching) at noise 0, or set noise_level > 0 (e.g. 0.7)."
-            )
         if self.task_mixing not in TASK_MIXING:
             raise ValueError(f"`task_mixing` must be one of {TASK_MIXING}, got {self.task_mixing!r}.")
         if self.rollout_schedule not in SCHEDULES:
             raise ValueError(f"`rollout_schedule` must be one of {SCHEDULES}, got {self.rollout_schedule!r}.")
-        if self.num_iterations < 1:
-            raise ValueError(f"`num_iterations` must be >= 1, got {self.num_iterations}.")
         if self.rollout_schedule == "fused" and self.num_iterations > 1:
             raise ValueError(
                 "`rollout_schedule='fused'` trains while rolling out, so a rollout cannot be reused: it needs "
@@ -98,6 +81,13 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                 raise ValueError(f"`teacher_guidance_scales` is not valid JSON: {error}.") from None
         if self.teacher_guidance_scales is not None and not isinstance(self.teacher_guidance_scales, dict):
             raise ValueError("`teacher_guidance_scales` must map task names to CFG scales.")
+
+    def _stochastic_loss(self) -> Optional[str]:
+        if self.loss_type in ("policy_gradient", "score_function"):
+            return (
+                f"`loss_type={self.loss_type!r}` (a policy-gradient estimator; 'analytic' is mean matching at noise 0)"
+            )
+        return None
 
     @property
     def fused(self) -> bool:

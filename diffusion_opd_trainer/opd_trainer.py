@@ -1,11 +1,10 @@
 """Multi-teacher on-policy distillation (DiffusionOPD, arXiv 2605.15055) as a `transformers.Trainer`."""
 
-import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline
@@ -13,12 +12,13 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .lora import adapter_checksum
-from .models import PromptEmbeddings
+from .losses import distillation_loss
 from .opd_config import DiffusionOPDConfig
-from .sampling import RolloutBuffer, RolloutSampler
+from .pipelines import PromptEmbeddings
 from .scoring import RewardFuncs, RewardSet
-from .sde import TransitionOutput, gaussian_log_prob, scale_kl, sde_step, step_kl
-from .teachers import Teacher, TeacherSource, as_teacher, check_local_sources, load_teachers
+from .sde import TransitionOutput, sde_step
+from .targets import teacher_means
+from .teachers import Teacher, TeacherSource, check_local_sources, load_teachers
 from .trainer_base import DiffusionTrainerBase
 
 
@@ -82,6 +82,8 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
 
     _tag_names = ["diffusion-opd", "on-policy-distillation", "distillation"]
     _method_name = "multi-teacher on-policy distillation (DiffusionOPD, arXiv 2605.15055)"
+    _config_class = DiffusionOPDConfig
+    _name_suffix = "OPD"
 
     def __init__(
         self,
@@ -95,11 +97,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         optimizers: tuple = (None, None),
         eval_reward_funcs: Optional[RewardFuncs] = None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else type(model).__name__
-            args = DiffusionOPDConfig(f"{str(name).split('/')[-1]}-OPD")
-        if not isinstance(args, DiffusionOPDConfig):
-            raise TypeError(f"`args` must be a DiffusionOPDConfig, got {type(args).__name__}.")
+        args = self._resolve_args(model, args)
         if not isinstance(teachers, dict) or not teachers:
             raise ValueError("`teachers` must be a non-empty dict mapping each task to its teacher LoRA.")
         # Cheap checks first, before any model is loaded: missing local paths and tasks without a teacher.
@@ -109,7 +107,6 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         self.teacher_sources = teachers
         self.eval_reward_set = RewardSet(eval_reward_funcs) if eval_reward_funcs is not None else None
         super().__init__(model, args, train_dataset, eval_dataset, peft_config, callbacks, optimizers)
-        self._buffer = RolloutBuffer(args.gradient_accumulation_steps, args.num_iterations)
 
     @staticmethod
     def _check_tasks(dataset, teachers: dict, name: str) -> None:
@@ -129,9 +126,9 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
 
     def _prepare_before_trainer_init(self, args: DiffusionOPDConfig) -> None:
         self.teachers: dict[str, Teacher] = load_teachers(
-            self.adapter.denoiser,
+            self.family.denoiser,
             self.teacher_sources,
-            self.adapter.denoiser_name,
+            self.family.denoiser_name,
             base_model=self._base_model_id(),
             guidance_overrides=args.teacher_guidance_scales,
             token=args.hub_token,
@@ -139,19 +136,9 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         self._single_task = next(iter(self.teachers)) if len(self.teachers) == 1 else None
 
     # ----- data ------------------------------------------------------------------------------------------------------
-    def _get_train_sampler(self, train_dataset=None) -> RolloutSampler:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        args = self.args
+    def _sampler_options(self, dataset) -> dict[str, Any]:
         tasks = dataset["task"] if "task" in dataset.column_names else None
-        return RolloutSampler(
-            len(dataset),
-            micro_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            num_iterations=args.num_iterations,
-            tasks=tasks,
-            round_robin=args.task_mixing == "round_robin",
-            seed=args.seed,
-        )
+        return {"tasks": tasks, "round_robin": self.args.task_mixing == "round_robin"}
 
     def _eval_reward_set(self) -> Optional[RewardSet]:
         return self.eval_reward_set
@@ -165,54 +152,35 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     def teacher_guidance_scale(self, teacher: Teacher) -> float:
         return teacher.guidance_scale if teacher.guidance_scale is not None else self.args.guidance_scale
 
-    @torch.no_grad()
-    def teacher_means(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeddings, tasks: list[str]):
+    def teacher_means(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeddings, tasks: list[str]
+    ) -> torch.Tensor:
         """Each sample's teacher transition mean from state `x` at timestep `t`, with the student's kernel."""
-        means = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        scheduler = self.adapter.scheduler
-        for task, teacher in self.teachers.items():
-            rows = [i for i, name in enumerate(tasks) if name == task]
-            if not rows:
-                continue
-            index = torch.tensor(rows, device=x.device)
-            x_task = x[index]
-            with as_teacher(self.unwrapped_denoiser, teacher), self.compute_loss_context_manager():
-                velocity = self.adapter.predict(x_task, t, embeds[rows], self.teacher_guidance_scale(teacher))
-            # Only the mean is needed: pass a state to score so that no noise is drawn from the rollout generator.
-            means[index] = sde_step(
-                scheduler, velocity, t, x_task, noise_level=self.args.noise_level, prev_sample=x_task
-            ).mean
-        return means
+        return teacher_means(
+            self.family,
+            self.teachers,
+            x,
+            t,
+            embeds,
+            tasks,
+            guidance_scales={task: self.teacher_guidance_scale(teacher) for task, teacher in self.teachers.items()},
+            noise_level=self.args.noise_level,
+            autocast=self.compute_loss_context_manager,
+        )
 
     def step_loss(
         self, step: TransitionOutput, teacher_mean: torch.Tensor, old_log_prob: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        The loss of one trained step (a scalar to backpropagate) and the per-sample step KL (detached, for logging).
-
-        `analytic`: the (scaled) step KL. `policy_gradient`: `max(-A rho, -A clip(rho))` with `A = -KL` kept
-        differentiable. `score_function`: `stopgrad(D * (log pi_S - log pi_T)) * log pi_S`, `D` the latent size, which
-        turns the per-dimension-averaged log-probs back into the summed log-ratio so that its expected gradient is
-        the analytic loss's.
-        """
+        """The loss of one trained step and its per-sample step KL (see [`~losses.distillation_loss`])."""
         args = self.args
-        kl = scale_kl(step_kl(step.mean, teacher_mean, step.std), step, args.kl_scaling)
-        if args.loss_type == "analytic":
-            per_sample = kl
-        elif args.loss_type == "policy_gradient":
-            old = step.log_prob.detach() if old_log_prob is None else old_log_prob
-            ratio = torch.exp(step.log_prob - old)
-            advantage = -kl
-            clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon)
-            per_sample = torch.maximum(-advantage * ratio, -advantage * clipped)
-        else:
-            dims = step.mean[0].numel()
-            teacher_log_prob = gaussian_log_prob(step.prev_sample, teacher_mean, step.std)
-            cost = (step.log_prob - teacher_log_prob).detach() * dims
-            if args.kl_scaling == "sigma":
-                cost = cost * step.dt.abs().reshape(-1)
-            per_sample = cost * step.log_prob
-        return per_sample.mean(), kl.detach()
+        return distillation_loss(
+            step,
+            teacher_mean,
+            loss_type=args.loss_type,
+            kl_scaling=args.kl_scaling,
+            epsilon=args.epsilon,
+            old_log_prob=old_log_prob,
+        )
 
     # ----- training --------------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -246,51 +214,50 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     @torch.no_grad()
     def _record_proxy_rewards(self, final_latents: torch.Tensor, prompts: list[str], columns: dict) -> None:
         """Scores the rollout's images with `eval_reward_funcs` (monitoring only: they never enter the loss)."""
-        images = self.adapter.decode(final_latents)
+        images = self.family.decode(final_latents)
         rewards = self.eval_reward_set(prompts, images, columns)
+        rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         self._record("train", **self.eval_reward_set.metrics(rewards))
 
     def _fused_step(self, model, embeds: PromptEmbeddings, tasks: list[str], weight: float = 1.0):
         """Roll out and train in one pass: the student's rollout forward carries the gradient (loss x `weight`)."""
         args = self.args
         height, width = self.image_size
-        x = self.adapter.prepare_latents(len(tasks), height, width, self.rollout_generator)
-        timesteps = self.adapter.set_timesteps(args.num_inference_steps, height, width)
+        scheduler = self.family.scheduler
+        x = self.family.prepare_latents(len(tasks), height, width, self.rollout_generator)
+        timesteps = self.family.set_timesteps(args.num_inference_steps, height, width)
         trained = args.trained_step_indices
-        scale = self.loss_scale() * weight
-        total = torch.zeros((), device=x.device)
-        kls = {}
-        for j, t in enumerate(timesteps):
-            if j not in trained:
+        state = {"x": x, "j": 0}
+
+        def advance_without_grad(until: int) -> None:
+            # The untrained steps before `until`: plain rollout steps, without gradient.
+            while state["j"] < until:
+                t = timesteps[state["j"]]
                 with torch.no_grad(), self.compute_loss_context_manager():
-                    velocity = self.adapter.predict(x, t, embeds, args.guidance_scale)
-                x = sde_step(
-                    self.adapter.scheduler,
+                    velocity = self.family.predict(state["x"], t, embeds, args.guidance_scale)
+                state["x"] = sde_step(
+                    scheduler,
                     velocity,
                     t,
-                    x,
+                    state["x"],
                     noise_level=args.noise_level,
                     generator=self.rollout_generator,
                 ).prev_sample
-                continue
+                state["j"] += 1
+
+        def step_loss(j: int):
+            advance_without_grad(j)
+            x, t = state["x"], timesteps[j]
             teacher_mean = self.teacher_means(x, t, embeds, tasks)
-            sync = j == trained[-1]
-            with self.accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                with self.compute_loss_context_manager():
-                    velocity = self.adapter.predict(x, t, embeds, args.guidance_scale, denoiser=model)
-                step = sde_step(
-                    self.adapter.scheduler,
-                    velocity,
-                    t,
-                    x,
-                    noise_level=args.noise_level,
-                    generator=self.rollout_generator,
-                )
-                loss, kls[j] = self.step_loss(step, teacher_mean)
-                self.accelerator.backward(loss * scale)
-            total += loss.detach() * scale
-            x = step.prev_sample.detach()
-        return total, kls, x
+            with self.compute_loss_context_manager():
+                velocity = self.family.predict(x, t, embeds, args.guidance_scale, denoiser=model)
+            step = sde_step(scheduler, velocity, t, x, noise_level=args.noise_level, generator=self.rollout_generator)
+            state["x"], state["j"] = step.prev_sample.detach(), j + 1
+            return self.step_loss(step, teacher_mean)
+
+        loss, kls = self.train_on_steps(model, trained, step_loss, weight)
+        advance_without_grad(len(timesteps))
+        return loss, kls, state["x"]
 
     @torch.no_grad()
     def _rollout_with_teachers(self, prompts: list[str], tasks: list[str]) -> _CachedRollout:
@@ -306,34 +273,31 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     def _train_on_rollout(self, model, cached: _CachedRollout, weight: float = 1.0):
         """The second pass: the student's gradient at the stored states, against the cached teacher means."""
         args = self.args
-        trained = args.trained_step_indices
-        scale = self.loss_scale() * weight
-        total = torch.zeros((), device=cached.latents.device)
-        kls = {}
-        for j in trained:
+
+        def step_loss(j: int):
             x, x_next, t = cached.latents[:, j], cached.latents[:, j + 1], cached.timesteps[j]
-            sync = j == trained[-1]
-            with self.accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                with self.compute_loss_context_manager():
-                    velocity = self.adapter.predict(x, t, cached.prompt_embeds, args.guidance_scale, denoiser=model)
-                step = sde_step(
-                    self.adapter.scheduler, velocity, t, x, noise_level=args.noise_level, prev_sample=x_next
-                )
-                old = cached.log_probs[:, j] if cached.log_probs is not None else None
-                loss, kls[j] = self.step_loss(step, cached.teacher_means[j], old_log_prob=old)
-                self.accelerator.backward(loss * scale)
-            total += loss.detach() * scale
-        return total, kls
+            with self.compute_loss_context_manager():
+                velocity = self.family.predict(x, t, cached.prompt_embeds, args.guidance_scale, denoiser=model)
+            step = sde_step(self.family.scheduler, velocity, t, x, noise_level=args.noise_level, prev_sample=x_next)
+            old = cached.log_probs[:, j] if cached.log_probs is not None else None
+            return self.step_loss(step, cached.teacher_means[j], old_log_prob=old)
+
+        return self.train_on_steps(model, args.trained_step_indices, step_loss, weight)
 
     def _record_kl(self, kls: dict[int, torch.Tensor], tasks: list[str]) -> None:
-        per_sample = torch.stack(list(kls.values())).mean(dim=0).cpu()  # [B]: mean over trained steps
-        values = {"kl": per_sample.mean().item()}
-        for task in dict.fromkeys(tasks):
-            rows = [i for i, name in enumerate(tasks) if name == task]
-            values[f"kl/{task}"] = per_sample[rows].mean().item()
-        if self.args.log_per_step_kl:
-            values.update({f"kl/step_{j}": kl.mean().item() for j, kl in kls.items()})
+        """Logs the step KL of the global batch (gathered over processes): `kl`, `kl/<task>`, `kl/step_<j>`."""
+        names = list(self.teachers)
+        per_sample = torch.stack(list(kls.values())).mean(dim=0)  # [B]: mean over trained steps
+        task_ids = torch.tensor([names.index(task) for task in tasks], device=per_sample.device)
+        per_sample = self.accelerator.gather(per_sample).cpu()
+        task_ids = self.accelerator.gather(task_ids).cpu()
+        values = {"kl": per_sample.nanmean().item()}
+        for i, task in enumerate(names):
+            if bool((task_ids == i).any()):
+                values[f"kl/{task}"] = per_sample[task_ids == i].nanmean().item()
         self._record("train", **values)
+        if self.args.log_per_step_kl:
+            self._record_across_processes("train", **{f"kl/step_{j}": kl.mean() for j, kl in kls.items()})
 
     # ----- checks and model card -------------------------------------------------------------------------------------
     def teachers_unchanged(self) -> dict[str, bool]:

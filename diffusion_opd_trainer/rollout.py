@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from .models import DiffusionAdapter, PromptEmbeddings, get_adapter
+from .pipelines import PipelineFamily, PromptEmbeddings, get_family
 from .sde import sde_step
 
 
@@ -23,7 +23,7 @@ class Trajectory:
         log_probs (`torch.Tensor` of shape `(B, N)`, or `None`):
             log pi(x_{j+1} | x_j) of each sampled transition (mean over latent dims); `None` for the ODE.
         timesteps (`torch.Tensor` of shape `(N,)`): the scheduler's timesteps, shared by the batch.
-        prompt_embeds ([`~models.PromptEmbeddings`]): the conditioning the trajectories were sampled with.
+        prompt_embeds ([`~pipelines.PromptEmbeddings`]): the conditioning the trajectories were sampled with.
         noise_level (`float`): the kernel's noise level (0 for the ODE).
         sde_steps (`list[int]`, *optional*):
             The steps that used the SDE kernel when only a window of them did (the others used the ODE and have a NaN
@@ -94,9 +94,9 @@ def rollout(
     (`output_type="latent"`).
 
     Args:
-        pipeline (`DiffusionPipeline` or [`~models.DiffusionAdapter`]): the model to sample.
+        pipeline (`DiffusionPipeline` or [`~pipelines.PipelineFamily`]): the model to sample.
         prompts (`list[str]`, *optional*): the prompts (one trajectory each); or pass `prompt_embeds`.
-        prompt_embeds ([`~models.PromptEmbeddings`], *optional*): precomputed conditioning, reused as is.
+        prompt_embeds ([`~pipelines.PromptEmbeddings`], *optional*): precomputed conditioning, reused as is.
         num_inference_steps (`int`, defaults to 10): denoising steps N.
         guidance_scale (`float`, defaults to 4.5): classifier-free guidance scale (1 disables CFG).
         noise_level (`float`, defaults to 0.7): the SDE noise level (DDIM's eta); 0 samples the ODE.
@@ -114,22 +114,22 @@ def rollout(
     Returns:
         [`Trajectory`]
     """
-    adapter: DiffusionAdapter = get_adapter(pipeline)
+    family: PipelineFamily = get_family(pipeline)
     if prompt_embeds is None:
         if prompts is None:
             raise ValueError("Pass `prompts` or `prompt_embeds`.")
-        prompt_embeds = adapter.encode_prompts(
+        prompt_embeds = family.encode_prompts(
             prompts,
             negative_prompt=negative_prompt if guidance_scale != 1.0 else None,
             max_sequence_length=max_sequence_length,
         )
     batch_size = len(prompt_embeds)
-    height = height or adapter.default_resolution
-    width = width or adapter.default_resolution
+    height = height or family.default_resolution
+    width = width or family.default_resolution
     if latents is None:
-        latents = adapter.prepare_latents(batch_size, height, width, generator)
-    x = latents.to(device=adapter.device, dtype=torch.float32)
-    timesteps = adapter.set_timesteps(num_inference_steps, height, width)
+        latents = family.prepare_latents(batch_size, height, width, generator)
+    x = latents.to(device=family.device, dtype=torch.float32)
+    timesteps = family.set_timesteps(num_inference_steps, height, width)
 
     windowed = sde_steps is not None and noise_level > 0
     if windowed:
@@ -138,9 +138,9 @@ def rollout(
             raise ValueError(f"`sde_steps` must be step indices in [0, {len(timesteps)}), got {sde_steps}.")
     states, log_probs = [x], []
     for j, t in enumerate(timesteps):
-        model_output = adapter.predict(x, t, prompt_embeds, guidance_scale, denoiser=denoiser)
+        model_output = family.predict(x, t, prompt_embeds, guidance_scale, denoiser=denoiser)
         level = noise_level if not windowed or j in sde_steps else 0.0
-        step = sde_step(adapter.scheduler, model_output, t, x, noise_level=level, generator=generator)
+        step = sde_step(family.scheduler, model_output, t, x, noise_level=level, generator=generator)
         x = step.prev_sample
         states.append(x)
         if step.log_prob is not None:
@@ -157,5 +157,5 @@ def rollout(
         sde_steps=sde_steps if windowed else None,
     )
     if decode:
-        trajectory.images = adapter.decode(x)
+        trajectory.images = family.decode(x)
     return trajectory

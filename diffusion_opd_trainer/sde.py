@@ -30,9 +30,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
-__all__ = ["TransitionOutput", "sde_step", "step_kl", "gaussian_log_prob", "scale_kl", "KL_SCALINGS"]
-
-KL_SCALINGS = ("exact", "sigma")
+__all__ = ["TransitionOutput", "sde_step", "step_kl", "gaussian_log_prob"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -282,27 +280,3 @@ def step_kl(
     squared = (mean_student.float() - mean_teacher.float()) ** 2
     kl = squared / (2 * std.float() ** 2) if std is not None else 0.5 * squared
     return kl.mean(dim=tuple(range(1, kl.ndim)))
-
-
-def scale_kl(kl: torch.Tensor, transition: TransitionOutput, kl_scaling: str) -> torch.Tensor:
-    """
-    Applies a KL scaling convention to a per-sample step KL from [`step_kl`].
-
-    Args:
-        kl (`torch.Tensor` of shape `(batch_size,)`): the exact step KL.
-        transition ([`TransitionOutput`]): the step it belongs to (for `dt`).
-        kl_scaling (`str`):
-            `"exact"`: the KL itself. `"sigma"`: divide by `2 sigma_t^2` instead of `2 std^2`, i.e. `KL * |dt|`, the
-            convention of Flow-GRPO and the public DiffusionOPD code, whose `beta` and learning rates are tuned to it.
-            Only defined for the flow SDE; for a deterministic step both conventions are the plain mean matching.
-
-    Returns:
-        `torch.Tensor` of shape `(batch_size,)`.
-    """
-    if kl_scaling not in KL_SCALINGS:
-        raise ValueError(f"`kl_scaling` must be one of {KL_SCALINGS}, got {kl_scaling!r}.")
-    if kl_scaling == "exact" or transition.std is None:
-        return kl
-    if transition.dt is None:
-        raise ValueError("`kl_scaling='sigma'` is defined for flow-matching schedulers only; use 'exact' with DDIM.")
-    return kl * transition.dt.abs().reshape(-1)

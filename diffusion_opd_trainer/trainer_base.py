@@ -29,7 +29,8 @@ from .lora import (
     default_lora_config,
     lora_parameters,
 )
-from .models import DiffusionAdapter, PromptEmbeddings, get_adapter
+from .pipelines import PipelineFamily, PromptEmbeddings, get_family
+from .prompt_sampler import PromptSampler, RolloutBuffer
 from .rewards import reward_name
 from .rollout import Trajectory, rollout
 from .scoring import RewardSet
@@ -75,6 +76,18 @@ class DiffusionTrainerBase(Trainer):
 
     _tag_names: list[str] = []
     _method_name: str = ""
+    _config_class: type = DiffusionTrainingConfig
+    _name_suffix: str = ""
+
+    @classmethod
+    def _resolve_args(cls, model, args: Optional[DiffusionTrainingConfig]) -> DiffusionTrainingConfig:
+        """`args`, checked, or the default config `<pipeline name>-<suffix>` (as TRL's trainers do)."""
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = cls._config_class(f"{str(name).split('/')[-1]}-{cls._name_suffix}")
+        if not isinstance(args, cls._config_class):
+            raise TypeError(f"`args` must be a {cls._config_class.__name__}, got {type(args).__name__}.")
+        return args
 
     def __init__(
         self,
@@ -94,18 +107,18 @@ class DiffusionTrainerBase(Trainer):
             raise TypeError(f"`model` must be a diffusers DiffusionPipeline or a model id/path, got {type(model)}.")
         self.pipeline = model
         self.pipeline.set_progress_bar_config(disable=True)
-        self.adapter: DiffusionAdapter = get_adapter(model)
+        self.family: PipelineFamily = get_family(model)
         self._check_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
             self._check_dataset(eval_dataset, "eval_dataset")
 
-        denoiser = self.adapter.denoiser
+        denoiser = self.family.denoiser
         for component in model.components.values():
             if isinstance(component, torch.nn.Module) and component is not denoiser:
                 component.requires_grad_(False)
                 component.eval()
         if peft_config is None:
-            peft_config = default_lora_config(self.adapter.denoiser_name)
+            peft_config = default_lora_config(self.family.denoiser_name)
         # The LoRA's random init must depend on the seed only (Trainer.__init__ seeds too, but after this point).
         set_seed(args.seed)
         self.lora_config = peft_config
@@ -140,6 +153,7 @@ class DiffusionTrainerBase(Trainer):
                 self.callback_handler.remove_callback(callback)
                 self.callback_handler.add_callback(_TensorBoardCallback(callback.tb_writer))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._buffer = RolloutBuffer(args.gradient_accumulation_steps, args.num_iterations)
         self.rollout_generator = torch.Generator(device=self.accelerator.device)
         # Distinct noise per process: a group spread over processes must not repeat the same images.
         self.rollout_generator.manual_seed(args.seed * 1000 + self.accelerator.process_index)
@@ -147,6 +161,22 @@ class DiffusionTrainerBase(Trainer):
     # ----- set-up hooks ----------------------------------------------------------------------------------------------
     def _prepare_before_trainer_init(self, args) -> None:
         """Subclass hook: load teachers, resolve rewards... before `Trainer.__init__` builds the optimizer state."""
+
+    def _sampler_options(self, dataset) -> dict[str, Any]:
+        """Subclass hook: the [`PromptSampler`] options of the method (group size, task round-robin)."""
+        return {}
+
+    def _get_train_sampler(self, train_dataset=None) -> PromptSampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        args = self.args
+        return PromptSampler(
+            len(dataset),
+            micro_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            num_iterations=args.num_iterations,
+            seed=args.seed,
+            **self._sampler_options(dataset),
+        )
 
     def _check_dataset(self, dataset, name: str) -> None:
         if dataset is None:
@@ -176,6 +206,40 @@ class DiffusionTrainerBase(Trainer):
         if num_trained_steps is None:
             num_trained_steps = len(self.args.trained_step_indices)
         return 1.0 / (num_trained_steps * accumulation)
+
+    def train_on_steps(
+        self,
+        model: torch.nn.Module,
+        steps: list[int],
+        step_loss: Callable[[int], tuple[torch.Tensor, Any]],
+        weight: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[int, Any]]:
+        """
+        The per-step training loop both trainers share: for each trained step `j`, in order, `step_loss(j)` runs the
+        forward with gradient and returns `(loss, stats)`; the loss, scaled by [`loss_scale`] and `weight`, is
+        backpropagated at once (one backward per step, so only one step's activations are alive at a time). Under DDP
+        every backward but the last runs inside `no_sync`, so the step pays one gradient all-reduce, not one per
+        timestep.
+
+        Args:
+            model (`torch.nn.Module`): the (wrapped) denoiser being trained.
+            steps (`list[int]`): the rollout steps to train on.
+            step_loss (`Callable[[int], tuple[torch.Tensor, Any]]`): the method's loss of one step.
+            weight (`float`, defaults to 1.0): this part's share of the micro-batch (see `_backward_in_halves`).
+
+        Returns:
+            `(loss, stats)`: the summed scaled loss (detached) and each step's stats by step index.
+        """
+        scale = self.loss_scale(len(steps)) * weight
+        total = torch.zeros((), device=self.accelerator.device)
+        stats = {}
+        for k, j in enumerate(steps):
+            last = k == len(steps) - 1
+            with self.accelerator.no_sync(model) if not last else contextlib.nullcontext():
+                loss, stats[j] = step_loss(j)
+                self.accelerator.backward(loss * scale)
+            total += loss.detach() * scale
+        return total, stats
 
     def _backward_in_halves(self, run: Callable[[slice, float], Any], batch_size: int) -> list[Any]:
         """
@@ -210,7 +274,7 @@ class DiffusionTrainerBase(Trainer):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.args.image_size(self.adapter.default_resolution)
+        return self.args.image_size(self.family.default_resolution)
 
     # ----- data ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -236,7 +300,7 @@ class DiffusionTrainerBase(Trainer):
         height, width = self.image_size
         with self.compute_loss_context_manager():
             return rollout(
-                self.adapter,
+                self.family,
                 prompt_embeds=embeds,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
@@ -251,7 +315,7 @@ class DiffusionTrainerBase(Trainer):
 
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
         """The prompts' embeddings (each distinct prompt encoded once per run) with the CFG negative prompt."""
-        return self.adapter.encode_prompts(
+        return self.family.encode_prompts(
             prompts, negative_prompt=self.args.negative_prompt, max_sequence_length=self.args.max_sequence_length
         )
 
@@ -260,6 +324,18 @@ class DiffusionTrainerBase(Trainer):
         for key, value in values.items():
             if value is not None:
                 self._metrics[mode][key].append(float(value))
+
+    def _record_across_processes(self, mode: str, **values: Union[float, torch.Tensor]) -> None:
+        """
+        Records the mean over processes of per-process scalars (NaN-filtered, as TRL does with `accelerator.gather`),
+        so that a logged figure is the whole batch's, not the main process's. Every process must call it with the
+        same keys.
+        """
+        if not values:
+            return
+        local = torch.tensor([float(value) for value in values.values()], device=self.accelerator.device)
+        gathered = self.accelerator.gather(local[None]).reshape(-1, len(values))
+        self._record(mode, **dict(zip(values, gathered.nanmean(dim=0).tolist())))
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -371,7 +447,7 @@ class DiffusionTrainerBase(Trainer):
         save_lora(
             output_dir,
             type(self.pipeline),
-            self.adapter.denoiser_name,
+            self.family.denoiser_name,
             deliverable,
             denoiser.peft_config[STUDENT_ADAPTER],
             base_model=self._base_model_id(),

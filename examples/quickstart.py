@@ -9,7 +9,7 @@ import logging
 import torch
 
 from diffusion_opd_trainer import rollout
-from diffusion_opd_trainer.models import get_adapter
+from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.sde import sde_step
 
 
@@ -45,13 +45,13 @@ def main():
         noise_level=args.noise_level,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    scheduler = get_adapter(pipe).scheduler
+    scheduler = get_family(pipe).scheduler
     print(f"{name}: {len(prompts)} trajectories, {trajectory.num_steps} steps, noise level {args.noise_level}")
     print(f"{'step':>4} {'sigma':>7} {'std':>8}  log-prob per trajectory")
     for j, t in enumerate(trajectory.timesteps):
         # Recompute the stored transition to show its std; the log-probs are those kept by the rollout.
         x = trajectory.latents[:, j]
-        v = get_adapter(pipe).predict(x, t, trajectory.prompt_embeds, args.guidance_scale)
+        v = get_family(pipe).predict(x, t, trajectory.prompt_embeds, args.guidance_scale)
         step = sde_step(scheduler, v, t, x, noise_level=args.noise_level, prev_sample=trajectory.latents[:, j + 1])
         std = "-" if step.std is None else f"{step.std.flatten()[0].item():.4f}"
         log_probs = "-" if trajectory.log_probs is None else " ".join(f"{v:8.3f}" for v in trajectory.log_probs[:, j])

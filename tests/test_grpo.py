@@ -10,7 +10,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
-from diffusion_opd_trainer.models import get_adapter
+from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import tiny_sd3_pipeline
 
@@ -26,10 +26,10 @@ def make_pattern_reward(pipe):
     A random tiny VAE maps every latent to roughly the same mean colour (its GroupNorms erase uniform shifts), so
     brightness cannot move; a spatial pattern survives the decoder and gives the policy a direction to learn.
     """
-    adapter = get_adapter(pipe)
+    family = get_family(pipe)
     pattern = torch.zeros(1, 4, 16, 16)
     pattern[:, 0, :, :8], pattern[:, 0, :, 8:] = 1.0, -1.0
-    direction = (adapter.decode(pattern) - adapter.decode(-pattern))[0]
+    direction = (family.decode(pattern) - family.decode(-pattern))[0]
     direction = direction / direction.norm()
 
     def pattern_reward(prompts, images, **kwargs):

@@ -11,7 +11,7 @@ from peft.utils import set_peft_model_state_dict
 
 from diffusion_opd_trainer import DiffusionOPDConfig, DiffusionOPDTrainer, TeacherConfig
 from diffusion_opd_trainer.lora import read_lora
-from diffusion_opd_trainer.models import get_adapter
+from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.sde import sde_step
 from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
 
@@ -123,10 +123,10 @@ def test_two_teachers_two_formats_each_task_kl_falls(tmp_path, teacher_dirs):
 def test_the_right_teacher_is_used_for_each_prompt(tmp_path, teacher_dirs):
     peft_dir, diffusers_file = teacher_dirs
     trainer = make_trainer(tmp_path, {"a": str(peft_dir), "b": str(diffusers_file)})
-    adapter = trainer.adapter
+    family = trainer.family
     embeds = trainer.encode(PROMPTS)
-    adapter.set_timesteps(4, 32, 32)
-    t = adapter.scheduler.timesteps[1]
+    family.set_timesteps(4, 32, 32)
+    t = family.scheduler.timesteps[1]
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     means = trainer.teacher_means(x, t, embeds, ["a", "b", "b", "a"])
     from peft import PeftModel
@@ -139,10 +139,10 @@ def test_the_right_teacher_is_used_for_each_prompt(tmp_path, teacher_dirs):
         else:
             reference.load_lora_weights(str(diffusers_file))
             denoiser = reference.transformer
-        ref_adapter = get_adapter(reference)
-        ref_adapter.set_timesteps(4, 32, 32)
-        velocity = ref_adapter.predict(x, t, ref_adapter.encode_prompts(PROMPTS), 1.0, denoiser=denoiser)
-        expected = sde_step(ref_adapter.scheduler, velocity, t, x, noise_level=0.0).mean
+        ref_family = get_family(reference)
+        ref_family.set_timesteps(4, 32, 32)
+        velocity = ref_family.predict(x, t, ref_family.encode_prompts(PROMPTS), 1.0, denoiser=denoiser)
+        expected = sde_step(ref_family.scheduler, velocity, t, x, noise_level=0.0).mean
         torch.testing.assert_close(means[rows], expected[rows], rtol=1e-4, atol=1e-5)
 
 
@@ -184,8 +184,8 @@ def test_estimators_share_the_analytic_expected_gradient(tmp_path, teacher_dirs)
     peft_dir, _ = teacher_dirs
     dataset = Dataset.from_dict({"prompt": PROMPTS[:1]})
     trainer = make_trainer(tmp_path, {"a": str(peft_dir)}, dataset=dataset, noise_level=0.7)
-    scheduler = trainer.adapter.scheduler
-    trainer.adapter.set_timesteps(4, 32, 32)
+    scheduler = trainer.family.scheduler
+    trainer.family.set_timesteps(4, 32, 32)
     t = scheduler.timesteps[1]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 16, 16, generator=generator)
@@ -296,12 +296,12 @@ def test_saved_student_loads_in_plain_diffusers_pipeline(tmp_path, teacher_dirs)
     state, config, _ = read_lora(tmp_path / "student")
     assert all("teacher" not in key for key in state) and config.r == 8 and config.lora_alpha == 16
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    adapter = trainer.adapter
-    expected = adapter.predict(x, 500.0, trainer.encode(PROMPTS[:2]), 1.0)
+    family = trainer.family
+    expected = family.predict(x, 500.0, trainer.encode(PROMPTS[:2]), 1.0)
     fresh = tiny_sd3_pipeline()
     fresh.load_lora_weights(str(tmp_path / "student"))
-    fresh_adapter = get_adapter(fresh)
-    got = fresh_adapter.predict(x, 500.0, fresh_adapter.encode_prompts(PROMPTS[:2]), 1.0)
+    fresh_family = get_family(fresh)
+    got = fresh_family.predict(x, 500.0, fresh_family.encode_prompts(PROMPTS[:2]), 1.0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from diffusion_opd_trainer.models import PromptEmbeddings, get_adapter
+from diffusion_opd_trainer.pipelines import PromptEmbeddings, get_family
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import build_clip_tokenizer, build_t5_tokenizer, tiny_sd3_pipeline
 
@@ -85,23 +85,23 @@ def test_rollout_is_deterministic_under_a_generator(sd3_pipe):
 
 
 def test_prompt_embeddings_are_computed_once_and_reusable(sd3_pipe):
-    adapter = get_adapter(sd3_pipe)
+    family = get_family(sd3_pipe)
     calls = []
-    original = adapter._encode
-    adapter._encode = lambda prompts, length: calls.append(list(prompts)) or original(prompts, length)
-    first = adapter.encode_prompts(PROMPTS + PROMPTS[:1])
-    second = adapter.encode_prompts(PROMPTS[::-1])
+    original = family._encode
+    family._encode = lambda prompts, length: calls.append(list(prompts)) or original(prompts, length)
+    first = family.encode_prompts(PROMPTS + PROMPTS[:1])
+    second = family.encode_prompts(PROMPTS[::-1])
     assert calls == [PROMPTS, [""]]  # each distinct prompt once, the negative prompt once
     torch.testing.assert_close(first.cond["encoder_hidden_states"][:3], second.cond["encoder_hidden_states"].flip(0))
     from_embeds = rollout(
-        adapter,
+        family,
         prompt_embeds=first[:3],
         num_inference_steps=3,
         noise_level=0.0,
         generator=torch.Generator().manual_seed(0),
     )
     from_prompts = rollout(
-        adapter, PROMPTS, num_inference_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0)
+        family, PROMPTS, num_inference_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0)
     )
     torch.testing.assert_close(from_embeds.latents, from_prompts.latents)
     merged = PromptEmbeddings.cat([first[:1], second[:2]])

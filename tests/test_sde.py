@@ -7,7 +7,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal, kl_divergence
 
-from diffusion_opd_trainer.sde import gaussian_log_prob, scale_kl, sde_step, step_kl
+from diffusion_opd_trainer.losses import scale_kl
+from diffusion_opd_trainer.sde import gaussian_log_prob, sde_step, step_kl
 
 
 SHAPE = (3, 4, 8, 8)

@@ -104,15 +104,15 @@ def sample(
     Returns:
         `torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`.
     """
-    from ..models import get_adapter
+    from ..pipelines import get_family
     from ..rollout import rollout
 
-    adapter = get_adapter(pipe)
-    resolution = adapter.default_resolution
+    family = get_family(pipe)
+    resolution = family.default_resolution
     shape = (
-        adapter.num_latent_channels,
-        resolution // adapter.vae_scale_factor,
-        resolution // adapter.vae_scale_factor,
+        family.num_latent_channels,
+        resolution // family.vae_scale_factor,
+        resolution // family.vae_scale_factor,
     )
     prompts, images = list(prompts), []
     for start in range(0, len(prompts), batch_size):

@@ -1,15 +1,15 @@
-"""Adapter for the Stable Diffusion 1.x / 2.x family (`StableDiffusionPipeline`): a UNet with a DDIM-type scheduler."""
+"""The Stable Diffusion 1.x / 2.x family (`StableDiffusionPipeline`): a UNet with a DDIM-type scheduler."""
 
 from typing import Optional
 
 import torch
 
-from .base import DiffusionAdapter
+from .base import PipelineFamily
 
 
-class SDAdapter(DiffusionAdapter):
+class SDFamily(PipelineFamily):
     """
-    [`DiffusionAdapter`] for `StableDiffusionPipeline`: one CLIP text encoder, a `UNet2DConditionModel` and (for the
+    [`PipelineFamily`] for `StableDiffusionPipeline`: one CLIP text encoder, a `UNet2DConditionModel` and (for the
     SDE kernel) a `DDIMScheduler`, whose `eta` is the noise level (DDPO's setting).
     """
 

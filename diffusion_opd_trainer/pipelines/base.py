@@ -35,10 +35,6 @@ class PromptEmbeddings:
         uncond = None if self.uncond is None else {k: v[index] for k, v in self.uncond.items()}
         return PromptEmbeddings({k: v[index] for k, v in self.cond.items()}, uncond)
 
-    def to(self, *args, **kwargs) -> "PromptEmbeddings":
-        uncond = None if self.uncond is None else {k: v.to(*args, **kwargs) for k, v in self.uncond.items()}
-        return PromptEmbeddings({k: v.to(*args, **kwargs) for k, v in self.cond.items()}, uncond)
-
     @staticmethod
     def cat(items: Sequence["PromptEmbeddings"]) -> "PromptEmbeddings":
         """Concatenates along the batch dimension."""
@@ -65,12 +61,12 @@ class _EmbeddingCache:
         self.items[key] = value
 
 
-class DiffusionAdapter(ABC):
+class PipelineFamily(ABC):
     """
-    Glue between a diffusers pipeline of one family and the trainers.
+    What the library needs to know about one family of diffusers pipelines.
 
-    An adapter knows how its family encodes prompts, calls its denoiser with classifier-free guidance (one batched
-    forward for the negative and positive halves), draws initial noise, sets the sampling schedule and decodes
+    A family knows how its pipelines encode prompts, call the denoiser with classifier-free guidance (one batched
+    forward for the negative and positive halves), draw initial noise, set the sampling schedule and decode
     latents. Everything else in the library (kernels, rollout, trainers) is family-agnostic.
 
     Args:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Sampler
 
 
-class RolloutSampler(Sampler[int]):
+class PromptSampler(Sampler[int]):
     """
     Yields dataset indices so that each *global micro-batch* (what all processes sample in one training step,
     `micro_batch_size = per_device_train_batch_size * num_processes` images) holds complete groups of
@@ -103,7 +103,7 @@ class RolloutSampler(Sampler[int]):
 
 class RolloutBuffer:
     """
-    Keeps each accumulation slot's rollout for `num_iterations` optimizer steps, in step with [`RolloutSampler`].
+    Keeps each accumulation slot's rollout for `num_iterations` optimizer steps, in step with [`PromptSampler`].
 
     Micro-step `s` uses slot `s % gradient_accumulation_steps`, and samples afresh when
     `(s // gradient_accumulation_steps) % num_iterations == 0` (or when the slot is empty, e.g. after a resume).

@@ -1,17 +1,16 @@
-"""Adapter for the Stable Diffusion 3 / 3.5 family (`StableDiffusion3Pipeline`): flow matching, MMDiT transformer."""
+"""The Stable Diffusion 3 / 3.5 family (`StableDiffusion3Pipeline`): flow matching, MMDiT transformer."""
 
 from typing import Optional
 
 import torch
 
-from .base import DiffusionAdapter
+from .base import PipelineFamily
 
 
-class SD3Adapter(DiffusionAdapter):
+class SD3Family(PipelineFamily):
     """
-    [`DiffusionAdapter`] for `StableDiffusion3Pipeline`: three text encoders (two CLIP, one T5), an
-    `SD3Transformer2DModel`
-    predicting velocities, and a `FlowMatchEulerDiscreteScheduler`.
+    [`PipelineFamily`] for `StableDiffusion3Pipeline`: three text encoders (two CLIP, one T5), an
+    `SD3Transformer2DModel` predicting velocities, and a `FlowMatchEulerDiscreteScheduler`.
     """
 
     denoiser_name = "transformer"
