@@ -44,7 +44,6 @@ import diffusers
 import torch
 import transformers
 from peft import LoraConfig
-from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -53,7 +52,7 @@ from diffusion_opd_trainer import toy
 from diffusion_opd_trainer.evaluation import EvaluationResult, evaluate
 from diffusion_opd_trainer.grpo_config import DiffusionGRPOConfig
 from diffusion_opd_trainer.grpo_trainer import DiffusionGRPOTrainer
-from diffusion_opd_trainer.lora import DEFAULT_TARGET_MODULES, STUDENT_ADAPTER, read_lora
+from diffusion_opd_trainer.lora import DEFAULT_TARGET_MODULES, STUDENT_ADAPTER, load_adapter_weights, read_lora
 from diffusion_opd_trainer.opd_config import DiffusionOPDConfig
 from diffusion_opd_trainer.opd_trainer import DiffusionOPDTrainer
 from diffusion_opd_trainer.toy.model import (
@@ -822,12 +821,9 @@ def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: 
             trainer = _grpo_trainer(config, phase_dir, (task,), config.cascade_steps_per_task, show_progress)
             if previous is not None:
                 state_dict, _, _ = read_lora(previous)
-                result = set_peft_model_state_dict(
-                    trainer.unwrapped_denoiser, state_dict, adapter_name=STUDENT_ADAPTER
+                load_adapter_weights(
+                    trainer.unwrapped_denoiser, state_dict, STUDENT_ADAPTER, f"Cascade LoRA {previous}"
                 )
-                unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-                if unexpected:
-                    raise RuntimeError(f"Cascade: the previous phase's LoRA did not load: {unexpected[:3]}")
             _run_trainer(trainer, counter, config, curve, task, config.cascade_steps_per_task)
             total_steps += trainer.state.global_step
             log_history.extend({**entry, "phase": task} for entry in trainer.state.log_history)

@@ -35,7 +35,7 @@ from .rollout import rollout
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationCallback", "EvaluationResult", "evaluate", "format_table", "load_lora"]
+__all__ = ["EvaluationCallback", "EvaluationResult", "evaluate", "format_table", "load_lora", "sample_images"]
 
 EVAL_ADAPTER = "evaluation"
 
@@ -135,6 +135,19 @@ def _as_columns(data: Any, max_prompts: Optional[int]) -> dict[str, list]:
     return columns
 
 
+def _split_by_task(data: Any, tasks: Iterable[str]) -> dict[str, dict[str, list]]:
+    """One prompt set with a `task` column as task -> its rows (tasks without rows are left out)."""
+    columns = _as_columns(data, None)
+    if "task" not in columns:
+        raise ValueError("Per-task rewards need a `task` column in the prompts, or a dict task -> prompts.")
+    split = {}
+    for task in tasks:
+        rows = [i for i, name in enumerate(columns["task"]) if name == task]
+        if rows:
+            split[task] = {key: [values[i] for i in rows] for key, values in columns.items()}
+    return split
+
+
 def _resolve_rewards(reward_funcs: Any, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
     """task -> [(metric name, reward callable)], each named reward built once and shared across tasks."""
     built: dict[str, Any] = {}
@@ -204,6 +217,58 @@ def _eval_mode(pipeline):
 
 
 @torch.no_grad()
+def sample_images(
+    pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int = 40,
+    guidance_scale: float = 4.5,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    negative_prompt: str = "",
+    batch_size: Optional[int] = None,
+) -> torch.Tensor:
+    """
+    The seeded ODE sampler of the evaluations: image `i` starts from the noise of a CPU generator seeded `seeds[i]`,
+    so an image does not depend on `batch_size`, on the device or on the other prompts of its batch.
+
+    Args:
+        pipeline (`DiffusionPipeline`): the model.
+        prompts (`Sequence[str]`): one image per prompt.
+        seeds (`Sequence[int]`): the seed of each image's initial noise.
+        num_inference_steps (`int`, defaults to 40), guidance_scale (`float`, defaults to 4.5): the ODE sampler.
+        height (`int`, *optional*), width (`int`, *optional*): the image size; the pipeline's default otherwise.
+        negative_prompt (`str`, defaults to `""`): CFG's negative prompt.
+        batch_size (`int`, *optional*): images per forward; all at once when omitted.
+
+    Returns:
+        `torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`, float32, on the pipeline's device.
+    """
+    prompts, seeds = list(prompts), list(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
+    batch_size = batch_size or max(len(prompts), 1)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        trajectory = rollout(
+            pipeline,
+            prompts[start:stop],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            noise_level=0.0,
+            height=height,
+            width=width,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds[start:stop]],
+            negative_prompt=negative_prompt,
+            decode=True,
+        )
+        images.append(trajectory.images.float())
+    return torch.cat(images)
+
+
+@torch.no_grad()
 def evaluate(
     pipeline,
     tasks: Union[Mapping[str, Any], Any],
@@ -226,16 +291,18 @@ def evaluate(
     show_progress: bool = True,
 ) -> EvaluationResult:
     """
-    Samples `pipeline` on each task's prompts with the deterministic ODE sampler and scores the images.
+    Samples `pipeline` on each task's prompts with the deterministic ODE sampler ([`sample_images`]) and scores the
+    images.
 
     Image `k` of prompt `i` starts from the noise of a CPU generator seeded `seed + i * num_images_per_prompt + k`,
     so scores do not depend on `batch_size` or on the device, and two models see the same noise.
 
     Args:
-        pipeline (`DiffusionPipeline`): the model (SD3/SD3.5, Flux, SD 1.5/SDXL families, see `models/`).
+        pipeline (`DiffusionPipeline`): the model (the SD3/SD3.5 and SD 1.x/2.x families, see `pipelines/`).
         tasks (`dict[str, Dataset | list]` or one dataset / prompt list): task -> test prompts: a `datasets.Dataset`
             or a list of dicts with a `prompt` column (other columns, e.g. GenEval's `metadata`, reach the rewards),
-            or a plain list of prompts. A single set is the task `"eval"`.
+            or a plain list of prompts. A single set is the task `"eval"`, or, with per-task `reward_funcs`, split
+            into tasks by its `task` column.
         reward_funcs (`dict[str, ...]` or list): the rewards of every task (a list of names / callables), or per task
             (`{task: name | callable | list}`). Named rewards are built once and shared across tasks.
         lora (`str` or `os.PathLike`, *optional*): a LoRA to evaluate (diffusers-format file or folder, or Hub id),
@@ -258,7 +325,7 @@ def evaluate(
         [`EvaluationResult`]
     """
     if not isinstance(tasks, Mapping):
-        tasks = {"eval": tasks}
+        tasks = _split_by_task(tasks, reward_funcs) if isinstance(reward_funcs, Mapping) else {"eval": tasks}
     if save_images and output_dir is None:
         raise ValueError("`save_images=True` needs an `output_dir`.")
     rewards = _resolve_rewards(reward_funcs, list(tasks))
@@ -292,19 +359,16 @@ def evaluate(
             for start in progress:
                 stop = min(start + batch_size, len(rows))
                 prompts = image_columns["prompt"][start:stop]
-                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:stop]]
-                images = rollout(
+                images = sample_images(
                     pipeline,
                     prompts,
+                    seeds[start:stop],
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
-                    noise_level=0.0,
                     height=height,
                     width=width,
-                    generator=generators,
                     negative_prompt=negative_prompt,
-                    decode=True,
-                ).images.float()
+                )
                 extra = {key: value[start:stop] for key, value in image_columns.items() if key != "prompt"}
                 for name, reward in rewards[task]:
                     if hasattr(reward, "compute_metrics"):
@@ -347,8 +411,8 @@ def _aggregate(reward, metric: str, values: list, columns: dict[str, list]) -> f
 class EvaluationCallback(TrainerCallback):
     """
     Runs [`evaluate`] during training, every `eval_steps` optimizer steps (and at the end of training), on the main
-    process only, and logs each metric as `eval/<column>` in `state.log_history`; tables go to
-    `<output_dir>/evaluation/step-<n>/`.
+    process only, and logs each metric as `eval/<column>` through the trainer's `log` (so every logging integration
+    sees it); tables go to `<output_dir>/evaluation/step-<n>/`.
 
     `pipeline` must be the pipeline being trained (its denoiser carries the trained LoRA): the images then come from
     the current weights. Other processes wait for the main one at their next collective operation.
@@ -358,6 +422,8 @@ class EvaluationCallback(TrainerCallback):
         tasks, reward_funcs: as in [`evaluate`].
         eval_steps (`int`, *optional*): the period; the trainer's `eval_steps` (or `logging_steps`) otherwise.
         evaluate_at_end (`bool`, defaults to `True`): also evaluate when training ends.
+        trainer (`transformers.Trainer`, *optional*): the trainer to log through. [`DiffusionGRPOTrainer`] and
+            [`DiffusionOPDTrainer`] attach themselves to the callbacks they are given; pass it with another trainer.
         **evaluate_kwargs: other arguments of [`evaluate`] (`num_inference_steps`, `max_prompts`, ...).
     """
 
@@ -368,9 +434,10 @@ class EvaluationCallback(TrainerCallback):
         reward_funcs,
         eval_steps: Optional[int] = None,
         evaluate_at_end: bool = True,
+        trainer=None,
         **evaluate_kwargs,
     ):
-        self.pipeline, self.tasks, self.reward_funcs = pipeline, tasks, reward_funcs
+        self.pipeline, self.tasks, self.reward_funcs, self.trainer = pipeline, tasks, reward_funcs, trainer
         self.eval_steps, self.evaluate_at_end = eval_steps, evaluate_at_end
         self.evaluate_kwargs = {"show_progress": False, **evaluate_kwargs}
         self.results: list[EvaluationResult] = []
@@ -380,6 +447,8 @@ class EvaluationCallback(TrainerCallback):
     def _run(self, args, state) -> None:
         if not state.is_world_process_zero or state.global_step == self._last_step:
             return
+        if self.trainer is None:
+            raise ValueError("`EvaluationCallback` logs through its trainer: pass `trainer=` (ours attach themselves)")
         if self._built_rewards is None:
             # Named rewards are built at the first evaluation and kept: their models load once.
             self._built_rewards = _resolve_rewards(self.reward_funcs, list(self._task_names()))
@@ -398,7 +467,8 @@ class EvaluationCallback(TrainerCallback):
         )
         self.results.append(result)
         logs = {f"eval/{label}": result.metrics[task][metric] for task, metric, label in _column_labels([result])}
-        state.log_history.append({**logs, "step": state.global_step})
+        # Our trainers' `log_evaluation` keeps the pending training metrics out of this entry.
+        getattr(self.trainer, "log_evaluation", self.trainer.log)(logs)
         logger.info("step %d: %s", state.global_step, logs)
 
     def _task_names(self):

@@ -252,6 +252,27 @@ def check_lora_keys(denoiser: torch.nn.Module, state_dict: dict, source: str) ->
         raise ValueError(f"LoRA {source} does not match the pipeline's denoiser: " + "; ".join(details) + ".")
 
 
+def load_adapter_weights(
+    denoiser: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str
+) -> None:
+    """
+    Loads `state_dict` (PEFT key names relative to the denoiser) into the existing adapter `adapter_name`, and raises
+    a `ValueError` naming `source` when some of its LoRA weights found no place in the denoiser (PEFT only warns).
+
+    Args:
+        denoiser (`torch.nn.Module`): the denoiser carrying the adapter.
+        state_dict (`dict[str, torch.Tensor]`): the adapter's weights.
+        adapter_name (`str`): the adapter to load into.
+        source (`str`): what the weights are, for the error message (e.g. `"Checkpoint out/checkpoint-2"`).
+    """
+    result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(
+            f"{source}: keys not loaded into the denoiser's adapter {adapter_name!r}, e.g. {unexpected[:3]}."
+        )
+
+
 def load_adapter(
     denoiser: torch.nn.Module, state_dict: dict, config: LoraConfig, adapter_name: str, source: str
 ) -> None:
@@ -260,10 +281,7 @@ def load_adapter(
     trainable = [(p, p.requires_grad) for p in denoiser.parameters()]
     active = [(layer, list(layer.active_adapters)) for layer in _tuner_layers(denoiser)]
     denoiser.add_adapter(config, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
-        raise ValueError(f"LoRA {source}: keys not loaded into the denoiser, e.g. {unexpected[:3]}.")
+    load_adapter_weights(denoiser, state_dict, adapter_name, f"LoRA {source}")
     # `add_adapter` activates the new adapter and marks it trainable: restore the previous state, keep it frozen.
     for layer, names in active:
         layer.set_adapter(names)

@@ -13,13 +13,13 @@ import torch
 from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from .diffusion_config import DiffusionTrainingConfig
 from .ema import LoRAEMA
+from .evaluation import EvaluationCallback, evaluate
 from .hub import save_lora, write_model_card
 from .lora import (
     PEFT_WEIGHT_NAME,
@@ -27,6 +27,7 @@ from .lora import (
     adapter_state_dict,
     add_student_adapter,
     default_lora_config,
+    load_adapter_weights,
     lora_parameters,
 )
 from .pipelines import PipelineFamily, PromptEmbeddings, get_family
@@ -149,6 +150,8 @@ class DiffusionTrainerBase(Trainer):
             self.ema = LoRAEMA(lora_parameters(denoiser, STUDENT_ADAPTER), args.ema_decay, args.ema_update_interval)
         self.add_callback(_EMACallback(self))
         for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, EvaluationCallback) and callback.trainer is None:
+                callback.trainer = self  # it logs through this trainer
             if type(callback) is TensorBoardCallback:
                 self.callback_handler.remove_callback(callback)
                 self.callback_handler.add_callback(_TensorBoardCallback(callback.tb_writer))
@@ -367,8 +370,6 @@ class DiffusionTrainerBase(Trainer):
         ([`~evaluation.evaluate`]) and logs `<prefix>_reward` and `<prefix>_rewards/<name>/mean` (with per-task
         rewards, `<name>` is the task). Runs on the main process; the others wait for its metrics.
         """
-        from .evaluation import evaluate as evaluate_pipeline
-
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("`evaluate` needs an `eval_dataset`.")
@@ -379,21 +380,16 @@ class DiffusionTrainerBase(Trainer):
         metrics: dict[str, float] = {}
         if self.accelerator.is_main_process:
             start = time.time()
-            if reward_set.routed:
-                tasks = {name: dataset.filter(lambda row, name=name: row["task"] == name) for name in reward_set.names}
-                tasks = {name: rows for name, rows in tasks.items() if len(rows)}
-                reward_funcs = dict(zip(reward_set.names, reward_set.funcs))
-            else:
-                tasks = {"eval": dataset}
-                reward_funcs = list(reward_set.funcs)
+            # Per-task rewards: the harness splits the prompts by their `task` column.
+            named = dict(zip(reward_set.names, reward_set.funcs))
             height, width = self.image_size
             was_training = self.model.training
             self.model.eval()
             with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
-                result = evaluate_pipeline(
+                result = evaluate(
                     self.pipeline,
-                    tasks,
-                    {task: reward_funcs[task] for task in tasks} if reward_set.routed else reward_funcs,
+                    dataset,
+                    named if reward_set.routed else list(reward_set.funcs),
                     num_inference_steps=args.eval_num_inference_steps,
                     guidance_scale=args.guidance_scale
                     if args.eval_guidance_scale is None
@@ -413,22 +409,23 @@ class DiffusionTrainerBase(Trainer):
                 return values.get(reward_name(func), next(iter(values.values())))
 
             if reward_set.routed:
-                means = {task: primary(task, reward_funcs[task]) for task in tasks}
+                means = {task: primary(task, named[task]) for task in result.metrics}
+                reward = sum(means.values()) / len(means)
             else:
-                means = {name: primary("eval", func) for name, func in zip(reward_set.names, reward_set.funcs)}
-            weights = dict(zip(reward_set.names, reward_set.weights.tolist()))
-            for name, value in means.items():
-                metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = value
-            if reward_set.routed:
-                metrics[f"{metric_key_prefix}_reward"] = sum(means.values()) / len(means)
-            else:
-                metrics[f"{metric_key_prefix}_reward"] = sum(weights[name] * value for name, value in means.items())
+                means = {name: primary("eval", func) for name, func in named.items()}
+                weights = dict(zip(reward_set.names, reward_set.weights.tolist()))
+                reward = sum(weights[name] * value for name, value in means.items())
+            metrics.update({f"{metric_key_prefix}_rewards/{name}/mean": value for name, value in means.items()})
+            metrics[f"{metric_key_prefix}_reward"] = reward
             metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
         metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
-        # Trainer.log directly: our `log` would fold (and clear) the pending training metrics into this entry.
-        Trainer.log(self, metrics)
+        self.log_evaluation(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        """Logs evaluation metrics through `Trainer.log`, as an entry of their own (no pending train metrics)."""
+        Trainer.log(self, metrics)
 
     # ----- saving and resuming ---------------------------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
@@ -464,10 +461,7 @@ class DiffusionTrainerBase(Trainer):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"Checkpoint {resume_from_checkpoint} has no {PEFT_WEIGHT_NAME} to resume from.")
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
-        result = set_peft_model_state_dict(self.unwrapped_denoiser, state, adapter_name=STUDENT_ADAPTER)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            raise ValueError(f"Checkpoint {resume_from_checkpoint} does not match the student LoRA: {unexpected[:3]}")
+        load_adapter_weights(self.unwrapped_denoiser, state, STUDENT_ADAPTER, f"Checkpoint {resume_from_checkpoint}")
         ema_file = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
         if self.ema is not None and os.path.isfile(ema_file):
             self.ema.load_state_dict(load_file(ema_file))

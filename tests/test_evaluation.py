@@ -216,9 +216,13 @@ def test_geneval_and_pickscore_through_the_harness(pipe):
 
 
 def test_callback_logs_and_writes(pipe, tmp_path):
-    callback = EvaluationCallback(pipe, {"shapes": PROMPTS[:1]}, [mean_pixel], eval_steps=2, num_inference_steps=2)
-    args = SimpleNamespace(output_dir=str(tmp_path), eval_steps=None, logging_steps=1)
     state = SimpleNamespace(global_step=1, is_world_process_zero=True, log_history=[])
+    # The callback logs through its trainer's `log`, which (like `Trainer.log`) adds the entry to the history.
+    trainer = SimpleNamespace(log=lambda logs: state.log_history.append({**logs, "step": state.global_step}))
+    callback = EvaluationCallback(
+        pipe, {"shapes": PROMPTS[:1]}, [mean_pixel], eval_steps=2, trainer=trainer, num_inference_steps=2
+    )
+    args = SimpleNamespace(output_dir=str(tmp_path), eval_steps=None, logging_steps=1)
     callback.on_step_end(args, state, None)
     assert state.log_history == []
     state.global_step = 2
@@ -227,3 +231,14 @@ def test_callback_logs_and_writes(pipe, tmp_path):
     assert len(state.log_history) == 1 and state.log_history[0]["step"] == 2
     assert state.log_history[0]["eval/mean_pixel"] == callback.results[0].metrics["shapes"]["mean_pixel"]
     assert (tmp_path / "evaluation" / "step-2" / "results.md").exists()
+
+
+def test_one_seeded_sampler_for_the_harness_and_the_toy_world(pipe):
+    from diffusion_opd_trainer import toy
+    from diffusion_opd_trainer.evaluation import sample_images
+
+    whole = sample_images(pipe, PROMPTS, [3, 4, 5], num_inference_steps=2, guidance_scale=1.0)
+    batched = sample_images(pipe, PROMPTS, [3, 4, 5], num_inference_steps=2, guidance_scale=1.0, batch_size=2)
+    torch.testing.assert_close(whole, batched)  # the same noise; batched matmuls may differ in the last bits
+    toy_images = toy.model.sample(pipe, PROMPTS, num_inference_steps=2, guidance_scale=1.0, seed=3, batch_size=2)
+    assert torch.equal(toy_images, batched.cpu())

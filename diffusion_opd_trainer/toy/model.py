@@ -90,7 +90,8 @@ def sample(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """
-    Samples the pipeline with the deterministic ODE (as the evaluation of the paper does), one seeded noise per prompt.
+    Samples the pipeline with the deterministic ODE (as the evaluation of the paper does), one seeded noise per prompt:
+    the evaluation harness's sampler ([`~evaluation.sample_images`]) with the toy model's defaults.
 
     Args:
         pipe (`StableDiffusion3Pipeline`): the model.
@@ -104,33 +105,17 @@ def sample(
     Returns:
         `torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`.
     """
-    from ..pipelines import get_family
-    from ..rollout import rollout
+    from ..evaluation import sample_images
 
-    family = get_family(pipe)
-    resolution = family.default_resolution
-    shape = (
-        family.num_latent_channels,
-        resolution // family.vae_scale_factor,
-        resolution // family.vae_scale_factor,
-    )
-    prompts, images = list(prompts), []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))]
-        )
-        trajectory = rollout(
-            pipe,
-            chunk,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            noise_level=0.0,
-            latents=noise,
-            decode=True,
-        )
-        images.append(trajectory.images.cpu())
-    return torch.cat(images)
+    prompts = list(prompts)
+    return sample_images(
+        pipe,
+        prompts,
+        [seed + i for i in range(len(prompts))],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+    ).cpu()
 
 
 def evaluate_pipeline(
