@@ -13,6 +13,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .grpo_config import DiffusionGRPOConfig
+from .hub import FLOW_GRPO_CITATION
 from .losses import grpo_loss
 from .pipelines import PromptEmbeddings
 from .scoring import RewardFuncs, RewardSet
@@ -82,6 +83,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
 
     _tag_names = ["grpo", "flow-grpo", "reinforcement-learning"]
     _method_name = "GRPO on flow matching (Flow-GRPO, arXiv 2505.05470)"
+    _citations = (FLOW_GRPO_CITATION,)
     _config_class = DiffusionGRPOConfig
     _name_suffix = "GRPO"
 

@@ -96,20 +96,75 @@ def download_lora(source: str, token: Optional[Union[str, bool]] = None) -> Path
     return folder
 
 
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "templates" / "lora_model_card.md"
+
+FLOW_GRPO_CITATION = """@article{liu2025flowgrpo,
+    title         = {{Flow-GRPO: Training Flow Matching Models via Online RL}},
+    author        = {Jie Liu and Gongye Liu and Jiajun Liang and Yangguang Li and Jiaheng Liu and Xintao Wang and
+                     Pengfei Wan and Di Zhang and Wanli Ouyang},
+    year          = 2025,
+    eprint        = {2505.05470},
+    archivePrefix = {arXiv},
+    primaryClass  = {cs.CV}
+}"""
+DIFFUSION_OPD_CITATION = """@article{diffusionopd2026,
+    title         = {{DiffusionOPD: A Unified Perspective of On-Policy Distillation in Diffusion Models}},
+    year          = 2026,
+    eprint        = {2605.15055},
+    archivePrefix = {arXiv},
+    primaryClass  = {cs.CV}
+}"""
+
+# Trainer bookkeeping, not results: left out of the card's metrics table.
+_BOOKKEEPING_METRICS = {"epoch", "step", "total_flos", "learning_rate", "grad_norm", "step_time"}
+_BOOKKEEPING_SUFFIXES = ("_runtime", "_per_second")
+_BOOKKEEPING_PREFIXES = ("timing/",)
+
+
+def _card_metrics(metrics: Optional[dict[str, float]]) -> dict[str, str]:
+    kept = {}
+    for name, value in (metrics or {}).items():
+        if (
+            name in _BOOKKEEPING_METRICS
+            or name.endswith(_BOOKKEEPING_SUFFIXES)
+            or name.startswith(_BOOKKEEPING_PREFIXES)
+            or not isinstance(value, (int, float))
+        ):
+            continue
+        kept[name] = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return kept
+
+
 def write_model_card(
     output_dir: Union[str, os.PathLike],
     *,
     base_model: Optional[str],
     method: str,
-    description: str,
     tags: list[str],
     metrics: Optional[dict[str, float]] = None,
     model_name: Optional[str] = None,
     extra_sections: Optional[list[str]] = None,
+    guidance_scale: float = 4.5,
+    num_inference_steps: int = 40,
+    citations: Optional[list[str]] = None,
 ) -> ModelCard:
     """
-    Writes a diffusers model card (`README.md`) for a trained LoRA: metadata (`library_name: diffusers`, `base_model`,
-    tags), the method, final metrics and a usage snippet.
+    Writes a diffusers model card (`README.md`) for a trained LoRA from the package's template, as TRL does: metadata
+    (`library_name: diffusers`, `base_model`, tags), one sentence on the method, the method's sections, the final
+    metrics (without the trainer's bookkeeping: `epoch`, `total_flos`, `learning_rate`, run times...), a usage
+    snippet with the training CFG, and the BibTeX of the method's papers.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): where to write `README.md`.
+        base_model (`str`, *optional*): the base pipeline's model id; "unknown" in the text when `None`.
+        method (`str`): the method, completing "trained with ...".
+        tags (`list[str]`): tags besides the library's own.
+        metrics (`dict[str, float]`, *optional*): the final metrics.
+        model_name (`str`, *optional*): the card's title and the name in the usage snippet; the folder's otherwise.
+        extra_sections (`list[str]`, *optional*): Markdown sections of the method (teachers, settings...).
+        guidance_scale (`float`, defaults to 4.5), num_inference_steps (`int`, defaults to 40): the usage snippet's
+            sampler (the training CFG and the evaluation steps).
+        citations (`list[str]`, *optional*): BibTeX entries.
     """
     data = ModelCardData(
         library_name="diffusers",
@@ -118,28 +173,17 @@ def write_model_card(
         pipeline_tag="text-to-image",
         instance_prompt=None,
     )
-    name = model_name or Path(output_dir).absolute().name
-    lines = [f"# {name}", "", description, "", f"Trained with [diffusion-opd-trainer]: {method}.", ""]
-    for section in extra_sections or []:
-        lines += [section, ""]
-    if metrics:
-        lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-        lines.append("")
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import DiffusionPipeline",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base_model or "<base model>"}", dtype=torch.bfloat16)',
-        f'pipe.load_lora_weights("{name}")',
-        'image = pipe("a photo of a cat", num_inference_steps=40, guidance_scale=4.5).images[0]',
-        "```",
-        "",
-    ]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    card = ModelCard(content)
+    card = ModelCard.from_template(
+        data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=model_name or Path(output_dir).absolute().name,
+        base_model=base_model or "unknown",
+        method=method,
+        sections=list(extra_sections or []),
+        metrics=_card_metrics(metrics),
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        citations=list(citations or []),
+    )
     card.save(os.path.join(output_dir, "README.md"))
     return card

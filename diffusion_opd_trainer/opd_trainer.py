@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
+from .hub import DIFFUSION_OPD_CITATION, FLOW_GRPO_CITATION
 from .lora import adapter_checksum
 from .losses import distillation_loss
 from .opd_config import DiffusionOPDConfig
@@ -82,6 +83,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
 
     _tag_names = ["diffusion-opd", "on-policy-distillation", "distillation"]
     _method_name = "multi-teacher on-policy distillation (DiffusionOPD, arXiv 2605.15055)"
+    _citations = (DIFFUSION_OPD_CITATION, FLOW_GRPO_CITATION)
     _config_class = DiffusionOPDConfig
     _name_suffix = "OPD"
 

@@ -77,6 +77,7 @@ class DiffusionTrainerBase(Trainer):
 
     _tag_names: list[str] = []
     _method_name: str = ""
+    _citations: tuple[str, ...] = ()
     _config_class: type = DiffusionTrainingConfig
     _name_suffix: str = ""
 
@@ -451,6 +452,7 @@ class DiffusionTrainerBase(Trainer):
             peft_state_dict=trained,
         )
         Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+        self.create_model_card(output_dir=output_dir)
         logger.info("Saved the LoRA to %s", output_dir)
 
     def _base_model_id(self) -> Optional[str]:
@@ -489,21 +491,27 @@ class DiffusionTrainerBase(Trainer):
     def _model_card_sections(self) -> list[str]:
         return []
 
-    def create_model_card(self, model_name: Optional[str] = None, **kwargs) -> None:
+    def create_model_card(self, model_name: Optional[str] = None, output_dir: Optional[str] = None, **kwargs) -> None:
+        """
+        Writes the model card (`README.md`) into `output_dir` (the training output folder by default); called by
+        `save_model` and `push_to_hub`.
+        """
         if not self.is_world_process_zero():
             return
         final = {}
         for entry in self.state.log_history:
-            final.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"})
+            final.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
         write_model_card(
-            self.args.output_dir,
+            output_dir if output_dir is not None else self.args.output_dir,
             base_model=self._base_model_id(),
             method=self._method_name,
-            description=f"A LoRA for `{self._base_model_id()}` trained with {self._method_name}.",
             tags=list(self._tag_names) + list(kwargs.get("tags") or []),
             metrics=final,
             model_name=model_name,
             extra_sections=self._model_card_sections(),
+            guidance_scale=self.args.guidance_scale,
+            num_inference_steps=self.args.eval_num_inference_steps,
+            citations=list(self._citations),
         )
 
 
