@@ -97,7 +97,7 @@ WORLD_SOURCES = tuple(Path(toy.__file__).parent / f"{name}.py" for name in ("rew
 class TableConfig:
     r"""
     Settings of the miniature Table 1. [`TableConfig.quick`] runs the whole pipeline in a few minutes;
-    [`TableConfig.full`] is the committed table (about an hour on two CPU cores).
+    [`TableConfig.full`] is the committed table (about 40 minutes a seed on two CPU cores).
 
     Parameters:
         output_dir (`str`, defaults to `"results/toy_table"`):
@@ -252,7 +252,7 @@ class TableConfig:
 
     @classmethod
     def full(cls, **overrides) -> "TableConfig":
-        """The committed table (sized for about an hour on two CPU cores)."""
+        """The committed table (about 40 minutes a seed on two CPU cores)."""
         return cls(**overrides)
 
     @property

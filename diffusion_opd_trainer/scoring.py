@@ -13,7 +13,7 @@ RewardFuncs = Union[Callable, str, Sequence[Union[Callable, str]], Mapping[str, 
 
 class RewardSet:
     """
-    The reward functions of a trainer, called with the DESIGN.md signature
+    The reward functions of a trainer, called with the library's reward signature
     `f(prompts=list[str], images=Tensor[B, 3, H, W] in [0, 1], **other_columns) -> list[float | None]`.
 
     Args:

@@ -6,7 +6,7 @@ lose all precision in half precision.
 
 Two scheduler families are supported:
 
-- [`~diffusers.FlowMatchEulerDiscreteScheduler`] (SD3, Flux): the flow SDE of Flow-GRPO (arXiv 2505.05470). With
+- [`~diffusers.FlowMatchEulerDiscreteScheduler`] (SD3/SD3.5): the flow SDE of Flow-GRPO (arXiv 2505.05470). With
   ``t`` the current sigma, ``dt = t_next - t < 0``, ``v`` the velocity and ``a`` the noise level,
 
       sigma_t = a * sqrt(t / (1 - t))          (at t = 1: a * sqrt(1 / (1 - t_1)), t_1 the schedule's second sigma)
@@ -14,7 +14,7 @@ Two scheduler families are supported:
       std     = sigma_t * sqrt(-dt)
 
   With ``a = 0`` this is exactly the scheduler's Euler step ``x + v * dt``.
-- [`~diffusers.DDIMScheduler`] (SD 1.5, SDXL): DDIM with ``eta = noise_level`` (DDPO's kernel, arXiv 2305.13301).
+- [`~diffusers.DDIMScheduler`] (SD 1.x/2.x): DDIM with ``eta = noise_level`` (DDPO's kernel, arXiv 2305.13301).
 
 Every kernel is Gaussian with a state-independent std, so the KL between a student's and a teacher's transition from
 the same state is closed-form (`step_kl`).

@@ -49,7 +49,7 @@ class Teacher:
 
 
 def is_local_source(source: Union[str, os.PathLike]) -> bool:
-    """DESIGN.md's rule: absolute, `./`, `../`, `~`, or existing paths are local; anything else is a Hub id."""
+    """The source rule: absolute, `./`, `../`, `~`, or existing paths are local; anything else is a Hub id."""
     text = os.fspath(source)
     return (
         isinstance(source, os.PathLike)

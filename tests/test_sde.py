@@ -1,4 +1,4 @@
-"""The transition kernels against METHOD.md section 2, diffusers' own schedulers and torch.distributions."""
+"""The transition kernels against the flow SDE's formulas, diffusers' own schedulers and torch.distributions."""
 
 import math
 
@@ -22,7 +22,7 @@ def flow_scheduler():
 
 
 def _reference_flow_sde(x, v, t, t_next, second_sigma, a):
-    """METHOD.md section 2, written out in float64 from the formulas."""
+    """The flow SDE step (Flow-GRPO, arXiv 2505.05470), written out in float64 from the formulas."""
     x, v = x.double(), v.double()
     dt = t_next - t
     sigma_t = a * math.sqrt((t if t < 1 else 1.0) / (1 - (t if t < 1 else second_sigma)))
@@ -207,7 +207,7 @@ def test_sigma_scaling_is_exact_kl_times_abs_dt(flow_scheduler):
 
 
 def test_mean_matching_is_a_weighted_velocity_mse(flow_scheduler):
-    """METHOD.md section 4: both losses are velocity MSEs with a per-step weight."""
+    """DiffusionOPD (arXiv 2605.15055): both losses are velocity MSEs with a per-step weight."""
     x, vs, vt = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
     t_index = 3
     t = flow_scheduler.timesteps[t_index]

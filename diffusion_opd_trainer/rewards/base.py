@@ -110,7 +110,7 @@ class RewardModel:
         if name is not None:
             self.name = name
         self._loaded = False
-        # Like a plain function, a reward reports its name through `__name__` too (DESIGN.md's metric-name rule).
+        # Like a plain function, a reward reports its name through `__name__` too (the library's metric-name rule).
         self.__name__ = self.name
 
     def __repr__(self) -> str:

@@ -73,7 +73,7 @@ def get_reward(name_or_callable: Union[str, RewardFunc], **kwargs: Any) -> Rewar
 
 def reward_name(func: Any, key: Optional[str] = None) -> str:
     """
-    The metric name of a reward (DESIGN.md): the dict key when the reward came from a `{task: reward}` dict, else the
+    The metric name of a reward: the dict key when the reward came from a `{task: reward}` dict, else the
     reward's `name`, else its `__name__`, else its class name.
 
     Args:

@@ -1,7 +1,7 @@
 """The toy world's vocabulary, prompt grammar, and its fixed train/test prompt sets.
 
 Every prompt is the caption of a *spec*: a JSON-able dict that says what the image must show. Three tasks mirror the
-paper's (METHOD.md section 5):
+DiffusionOPD paper's (arXiv 2605.15055, its tasks and rewards):
 
 - `"compositional"` (GenEval-like): `"a red circle"`, `"three blue squares"`, `"a red circle and a blue square"`,
   `"a red circle left of a blue square"` (categories `single`, `counting`, `two_objects`, `position`);
