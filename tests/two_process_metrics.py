@@ -13,23 +13,11 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
 
+# The checksum test's tiny settings (run as a script, this file's folder is on the path).
+from test_refactor_checksums import COMMON, LORA, PROMPTS
+
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
-
-
-PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
-LORA = dict(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-COMMON = dict(
-    num_inference_steps=3,
-    guidance_scale=1.0,
-    max_steps=2,
-    learning_rate=1e-2,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    seed=0,
-)
 
 
 def rank_reward(prompts, images, **kwargs):
