@@ -134,15 +134,29 @@ def test_text_reward_is_dense_per_glyph_similarity():
     assert exact_text_reward(['the text "kfs"'], image[None]) == [1.0]
 
 
-def test_faded_drawings_score_low():
-    # The washed-out images of a base model's training mix (`faded_fraction`): what the rewards should teach away.
+def _as_batch(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None]
+
+
+def test_faded_and_misplaced_drawings_score_low():
+    # The flawed images of the base model's training mix (`faded_fraction`, `misplaced_fraction`): what RL on the
+    # rewards should teach away. Washed-out shapes and text a few pixels off its place score low; both stay drawable.
     shapes = {"task": "compositional", "objects": [{"color": "red", "shape": "circle"}], "relation": None, "seed": 1}
     text = {"task": "text", "text": "kfs", "seed": 1}
     for spec, reward in ((shapes, compositional_reward), (text, text_reward)):
-        crisp, faded = (torch.from_numpy(toy.render_spec(spec, fade=f)).permute(2, 0, 1)[None] for f in (0.0, 0.5))
+        crisp, faded = (_as_batch(toy.render_spec(spec, fade=f)) for f in (0.0, 0.5))
         prompt = [toy.caption(spec)]
         assert reward(prompt, crisp)[0] > 0.9 and reward(prompt, faded)[0] < 0.5
         assert faded.min() > 0.4  # washed out toward white, not a different colour
+    prompt = [toy.caption(text)]
+    moved = {
+        offset: text_reward(prompt, _as_batch(toy.render_spec(text, text_offset=offset)))[0]
+        for offset in ((1, 0), (0, 2), (0, -3), (3, 4), (40, 40))
+    }
+    assert moved[(1, 0)] == 1.0  # within the reader's one-pixel search
+    assert max(moved[(0, 2)], moved[(0, -3)], moved[(3, 4)]) < 0.6, moved
+    corner = toy.render_spec(text, text_offset=(40, 40))
+    assert (corner[-1] < 0.5).any() and moved[(40, 40)] < 0.3  # kept inside the image, at the bottom-right corner
 
 
 def test_compositional_reward_gives_dense_partial_credit():

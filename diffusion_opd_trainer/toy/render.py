@@ -136,10 +136,13 @@ def text_layout(length: int, resolution: int) -> tuple[int, int, int]:
     return scale, (resolution - width) // 2, (resolution - height) // 2
 
 
-def _draw_text(image: np.ndarray, text: str, fade: float = 0.0) -> np.ndarray:
+def _draw_text(image: np.ndarray, text: str, fade: float = 0.0, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     scale, x0, y0 = text_layout(len(text), image.shape[0])
+    resolution, width, height = image.shape[0], len(text) * (GLYPH_WIDTH + 1) * scale - scale, GLYPH_HEIGHT * scale
+    # Off its place by `offset`, kept inside the image.
+    x0 = int(np.clip(x0 + offset[0], 0, resolution - width))
+    y0 = int(np.clip(y0 + offset[1], 0, resolution - height))
     ink_color = _faded(_INK, fade)
-    height = GLYPH_HEIGHT * scale
     for i, letter in enumerate(text):
         ink = np.kron(GLYPHS[letter], np.ones((scale, scale), dtype=np.float32)).astype(bool)
         x = x0 + i * (GLYPH_WIDTH + 1) * scale
@@ -153,6 +156,7 @@ def render_spec(
     background: Optional[str] = None,
     rng: Optional[np.random.Generator] = None,
     fade: float = 0.0,
+    text_offset: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
     """
     Draws one spec.
@@ -167,6 +171,9 @@ def render_spec(
         fade (`float`, defaults to 0): draws the shapes or the ink washed out toward white by this fraction, the
             lower-quality images of the base model's training mix (see `toy/train_base.py`); the world's ground truth
             is crisp (0).
+        text_offset (`tuple[int, int]`, defaults to `(0, 0)`): draws a string this many pixels `(right, down)` off
+            its place (kept inside the image), the misplaced texts of the base model's training mix; the world's
+            ground truth is at [`text_layout`]'s place.
 
     Returns:
         `np.ndarray` of shape `(resolution, resolution, 3)`, float32 in `[0, 1]`.
@@ -177,7 +184,7 @@ def render_spec(
         rng = np.random.default_rng(spec.get("seed", 0))
     image = _background(spec, background, rng, resolution)
     if spec["task"] == "text":
-        return _draw_text(image, spec["text"], fade)
+        return _draw_text(image, spec["text"], fade, text_offset)
     return _draw_objects(image, spec, rng, fade)
 
 

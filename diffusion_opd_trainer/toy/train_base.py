@@ -14,7 +14,9 @@ Stages (all seeded, so a fixed seed and thread count give the same weights):
 
 Preference-task ("poster") images are drawn on mixed backgrounds - white, pale or vivid, a third each - like web data
 of mixed quality, while the renderer's ground truth is always the vivid one: the base model then sits between the two,
-and RL on the preference reward has something to find.
+and RL on the preference reward has something to find. In the same spirit a third of the shapes are washed out and
+40% of the texts are drawn a few pixels off their place: every task has a failure that does not depend on the prompt
+and that the base model sometimes makes, which is what RL sharpens away with few samples.
 
 Run it with `python examples/train_toy_base_model.py --output_dir <dir>`.
 """
@@ -58,10 +60,15 @@ class TrainBaseConfig:
         num_images (`int`, defaults to 16000): size of the rendered training set.
         task_weights (`tuple[float, float, float]`): sampling weights of the compositional, text and preference
             tasks in the training set.
-        faded_fraction (`float`, defaults to 0): the fraction of compositional and text training images drawn washed
-            out toward white (`fade_range`, defaults to 0.4-0.6): shapes in pale colours that the detector does not
-            recognise, text in grey ink that the reader barely sees. Like the posters' mixed backgrounds, this gives
-            the base model a failure that does not depend on the prompt, which RL can fix with few samples.
+        faded_fraction (`float`, defaults to 1/3): the fraction of compositional training images whose shapes are
+            drawn washed out toward white (by `fade_range`, defaults to 0.4-0.6): pale colours that the detector does
+            not recognise.
+        misplaced_fraction (`float`, defaults to 0.4): the fraction of text training images whose string is drawn
+            off its place, by 2-4 pixels up or down and up to 3 left or right (`max_text_offset`, defaults to 4):
+            glyphs that the reader, which looks where text belongs, barely matches.
+            Like the posters' mixed backgrounds, these two give the base model a failure that does not depend on the
+            prompt, which RL can find and fix with few samples (the failures the base model makes on its own, such
+            as letters bound to the wrong place, differ from prompt to prompt and need far more samples).
         vae_steps (`int`), vae_batch_size (`int`), vae_lr (`float`): the VAE's training.
         transformer_steps (`int`), batch_size (`int`), lr (`float`), warmup_steps (`int`), ema_decay (`float`),
             caption_dropout (`float`): the transformer's training.
@@ -80,8 +87,10 @@ class TrainBaseConfig:
     resolution: int = DEFAULT_RESOLUTION
     num_images: int = 16000
     task_weights: tuple = (0.5, 0.3, 0.2)
-    faded_fraction: float = 0.0
+    faded_fraction: float = 1 / 3
     fade_range: tuple = (0.4, 0.6)
+    misplaced_fraction: float = 0.4
+    max_text_offset: int = 4
     vae_steps: int = 300
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
@@ -115,15 +124,26 @@ def build_training_set(config: TrainBaseConfig) -> tuple[np.ndarray, list[str]]:
         spec = {k: v for k, v in spec.items() if k not in ("seed", "background")}  # fresh layout and background
         # Posters come with backgrounds of mixed quality (see the module docstring); the other tasks are on white.
         background = ("white", "pastel", "vivid")[int(rng.integers(3))] if task == "preference" else None
-        # Likewise a `faded_fraction` of the shapes and texts are washed out (the draw is skipped when it is 0, so
-        # that the data of a model trained without fading stays bitwise the same).
-        fade = 0.0
-        if config.faded_fraction > 0 and task != "preference" and rng.random() < config.faded_fraction:
+        # Likewise a `faded_fraction` of the shapes are washed out and a `misplaced_fraction` of the texts are off
+        # their place (no draw when a fraction is 0, so that the data of a model trained without them stays the same).
+        fade, text_offset = 0.0, (0, 0)
+        if config.faded_fraction > 0 and task == "compositional" and rng.random() < config.faded_fraction:
             fade = float(rng.uniform(*config.fade_range))
-        image = render_spec(spec, resolution=config.resolution, background=background, rng=rng, fade=fade)
+        if config.misplaced_fraction > 0 and task == "text" and rng.random() < config.misplaced_fraction:
+            text_offset = _text_offset(rng, config.max_text_offset)
+        image = render_spec(
+            spec, resolution=config.resolution, background=background, rng=rng, fade=fade, text_offset=text_offset
+        )
         images[i] = np.round(image * 255).astype(np.uint8)
         prompts.append(caption(spec))
     return images, prompts
+
+
+def _text_offset(rng: np.random.Generator, max_offset: int) -> tuple[int, int]:
+    """A misplacement `(right, down)`: 2 to `max_offset` pixels up or down, and up to `max_offset - 1` sideways."""
+    down = int(rng.integers(2, max_offset + 1)) * (1 if rng.random() < 0.5 else -1)
+    right = int(rng.integers(-(max_offset - 1), max_offset))
+    return right, down
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -412,14 +432,15 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainBaseConfig:
     for name in ("num_images", "vae_steps", "transformer_steps", "batch_size", "eval_prompts_per_task"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"default {getattr(defaults, name)}")
     parser.add_argument("--lr", type=float, default=None, help=f"default {defaults.lr}")
-    parser.add_argument("--faded_fraction", type=float, default=None, help=f"default {defaults.faded_fraction}")
+    for name in ("faded_fraction", "misplaced_fraction"):
+        parser.add_argument(f"--{name}", type=float, default=None, help=f"default {getattr(defaults, name):.3g}")
     args = parser.parse_args(argv)
     config = TrainBaseConfig(output_dir=args.output_dir, seed=args.seed, num_threads=args.num_threads)
     if args.smoke:
         config.num_images, config.vae_steps, config.transformer_steps = 256, 3, 3
         config.vae_batch_size, config.batch_size, config.eval_prompts_per_task, config.log_every = 16, 16, 2, 1
     overrides = ("num_images", "vae_steps", "transformer_steps", "batch_size", "eval_prompts_per_task", "lr")
-    for name in (*overrides, "faded_fraction"):
+    for name in (*overrides, "faded_fraction", "misplaced_fraction"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return config
