@@ -162,16 +162,41 @@ def tiny_clip_text_config(
     )
 
 
-def _tiny_vae(latent_channels: int, sample_size: int, **kwargs) -> AutoencoderKL:
+def tiny_t5_encoder_config(
+    vocab_size: int, d_model: int = 32, d_kv: int = 8, d_ff: int = 64, num_layers: int = 1
+) -> T5Config:
+    """A 4-head T5 encoder config with 8 relative-position buckets (pad 0, eos 1, as the built T5 tokenizers)."""
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def tiny_vae(
+    latent_channels: int,
+    sample_size: int,
+    block_out_channels: tuple[int, int] = (8, 8),
+    norm_num_groups: int = 4,
+    **kwargs,
+) -> AutoencoderKL:
+    """A two-level `AutoencoderKL` (2x downsampling, one layer per block); `kwargs` go to its constructor."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         sample_size=sample_size,
         **kwargs,
     )
@@ -214,19 +239,7 @@ def tiny_sd3_pipeline(
         clip_config = tiny_clip_text_config(len(clip_tokenizer), 16, 16, text_max_length)
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-        t5_config = T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-        text_encoder_3 = T5EncoderModel(t5_config)
+        text_encoder_3 = T5EncoderModel(tiny_t5_encoder_config(len(t5_tokenizer)))
         transformer = SD3Transformer2DModel(
             sample_size=resolution // 2,
             patch_size=2,
@@ -241,7 +254,7 @@ def tiny_sd3_pipeline(
             pos_embed_max_size=resolution // 2,
             qk_norm="rms_norm",
         )
-        vae = _tiny_vae(
+        vae = tiny_vae(
             4, resolution, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
         )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -294,7 +307,7 @@ def tiny_sd_pipeline(
             attention_head_dim=4,
             norm_num_groups=4,
         )
-        vae = _tiny_vae(4, resolution)
+        vae = tiny_vae(4, resolution)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
