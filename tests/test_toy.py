@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 # The base model's per-task mean reward on the first BAND_PROMPTS test prompts of each task (ODE, the toy's default
 # steps and guidance, seed 0): the bands reported in docs/toy_world.md, between chance and the renderer.
 BAND_PROMPTS = 24
-BASE_MODEL_BANDS = {"compositional": (0.25, 0.55), "text": (0.35, 0.7), "preference": (0.55, 0.85)}
+BASE_MODEL_BANDS = {"compositional": (0.15, 0.45), "text": (0.15, 0.45), "preference": (0.55, 0.85)}
 
 
 def _score(task, images, dataset, with_metadata=True):
@@ -154,7 +154,7 @@ def test_faded_and_misplaced_drawings_score_low():
         for offset in ((1, 0), (0, 2), (0, -3), (0, -8), (40, 40))
     }
     assert moved[(1, 0)] == 1.0  # within the reader's one-pixel search
-    assert max(moved[(0, 2)], moved[(0, -3)]) < 0.6 and moved[(0, -8)] == 0.0, moved  # -8: the banner
+    assert max(moved[(0, 2)], moved[(0, -3)]) < 0.6 and moved[(0, -8)] < 0.2, moved  # -8: the banner
     corner = toy.render_spec(text, text_offset=(40, 40))
     assert (corner[-1] < 0.5).any() and moved[(40, 40)] < 0.3  # kept inside the image, at the bottom-right corner
 
@@ -222,3 +222,15 @@ def test_training_script_smoke(tmp_path):
     assert summary["size_bytes"] > 0
     pipe = toy.load_pipeline(str(tmp_path))
     assert pipe.default_sample_size * pipe.vae_scale_factor == toy.DEFAULT_RESOLUTION
+
+
+def test_flaw_rate_tells_the_training_flaws_from_the_ground_truth():
+    from diffusion_opd_trainer.toy.report import flaw_rate
+
+    flaws = {"compositional": {"fade": 0.4}, "text": {"text_offset": (0, -8)}, "preference": {"background": "white"}}
+    for task, flaw in flaws.items():
+        rows = toy.prompts(task, "test").select(range(12))
+        metadata = list(rows["metadata"])
+        flawed = torch.stack([_as_batch(toy.render_spec(spec, **flaw))[0] for spec in metadata])
+        assert flaw_rate(task, toy.render(rows), metadata) == 0.0
+        assert flaw_rate(task, flawed, metadata) >= (0.75 if task == "preference" else 1.0), task

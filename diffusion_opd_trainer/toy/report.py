@@ -12,19 +12,45 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .font import GLYPH_HEIGHT
 from .model import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline, sample
-from .render import render
-from .rewards import reward_funcs
-from .world import TASKS, prompts
+from .render import render, text_layout
+from .rewards import _ink, preference_scores, reward_funcs
+from .world import COLORS, TASKS, prompts
 
 
 logger = logging.getLogger(__name__)
+
+
+def flaw_rate(task: str, images: torch.Tensor, metadata: Optional[Sequence[str]] = None) -> float:
+    """
+    The fraction of `images` that show the task's flaw of the base model's training data (see `train_base.py`):
+    - preference: a dull poster, preference reward below 0.5;
+    - compositional: washed-out shapes, the 98th percentile of the pixels' chroma (max - min of RGB) below 70% of the
+      most saturated asked colour's (shapes washed out by 0.4-0.6 keep 40-60% of it; needs `metadata`);
+    - text: a banner, more ink in the rows above the text's place than in the rows of its place.
+    """
+    x = torch.as_tensor(images).float().clamp(0, 1)
+    if task == "preference":
+        return float((preference_scores(x) < 0.5).float().mean())
+    if task == "compositional":
+        chroma = (x.amax(1) - x.amin(1)).flatten(1).quantile(0.98, dim=1)
+        asked = [max(np.ptp(COLORS[obj["color"]]) for obj in json.loads(spec)["objects"]) for spec in metadata]
+        return float((chroma < 0.7 * torch.tensor(asked)).float().mean())
+    _, _, top = text_layout(1, x.shape[-1])
+    height = GLYPH_HEIGHT * max(1, x.shape[-1] // 16)
+    flags = []
+    for image in x.permute(0, 2, 3, 1).numpy():
+        rows = _ink(image).sum(1)
+        flags.append(rows[: max(0, top - 1)].sum() > rows[top : top + height].sum())
+    return float(np.mean(flags))
 
 
 def measure(
@@ -36,8 +62,9 @@ def measure(
     max_prompts: Optional[int] = None,
 ) -> dict:
     """
-    Per-task mean rewards of the renderer, the model and shuffled pairs, plus the preference reward of each task's
-    renderer images (how much the other tasks' ground truths satisfy the preference).
+    Per-task mean rewards of the renderer, the model and shuffled pairs, the preference reward of each task's
+    renderer images (how much the other tasks' ground truths satisfy the preference), and how often the model's images
+    show the task's training-data flaw ([`flaw_rate`]).
 
     Args:
         pipe (`StableDiffusion3Pipeline`, *optional*): the model; `None` skips the model's row.
@@ -48,7 +75,7 @@ def measure(
     funcs = reward_funcs()
     results: dict = {"renderer": {}, "shuffled": {}, "renderer_preference": {}}
     if pipe is not None:
-        results["model"] = {}
+        results["model"], results["model_flaw_rate"] = {}, {}
     for task in TASKS:
         dataset = prompts(task, split)
         if max_prompts is not None:
@@ -63,6 +90,7 @@ def measure(
         if pipe is not None:
             images = sample(pipe, columns["prompts"], num_inference_steps, guidance_scale, seed)
             results["model"][task] = float(np.mean(funcs[task](images=images, **columns)))
+            results["model_flaw_rate"][task] = flaw_rate(task, images, columns["metadata"])
     return results
 
 

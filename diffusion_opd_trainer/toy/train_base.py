@@ -71,7 +71,7 @@ class TrainBaseConfig:
             not recognise.
         misplaced_fraction (`float`, defaults to 0.4): the fraction of text training images whose string is drawn
             off its place, as a banner at the top (`misplaced_offset`, defaults to 8 pixels up): glyphs that the
-            reader, which looks where text belongs, does not see. A fixed place rather than a random shift, so that
+            reader, which looks where text belongs, barely sees. A fixed place rather than a random shift, so that
             the base model learns two clean layouts, one right and one wrong, instead of smearing its glyphs over many.
             Like the posters' mixed backgrounds, these two give the base model a failure that does not depend on the
             prompt, which RL can find and fix with few samples (the failures the base model makes on its own, such
