@@ -1,6 +1,6 @@
 """The paper's Table 1 in miniature on the toy world: GRPO teachers, OPD (ODE and SDE), multi-task and cascade GRPO.
 
-    python benchmarks/toy_table.py --quick                 # the whole pipeline at tiny scale, a few minutes
+    python benchmarks/toy_table.py --quick                 # the whole pipeline at small scale, about 3 minutes
     python benchmarks/toy_table.py --seed 0                # one seed of the full table (2 workers x 1 thread)
     python benchmarks/toy_table.py --seed 1                # another seed (any session); the report covers both
     python benchmarks/toy_table.py --report_only           # re-aggregate the seeds present
@@ -28,7 +28,11 @@ from benchmarks.toy_stages import TableConfig, run_stages  # noqa: E402
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny scale: checks the pipeline, in a few minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small scale (about 3 minutes): each teacher beats the base model, not the claims",
+    )
     parser.add_argument("--seed", type=int, default=0, help="training seed of this run")
     parser.add_argument("--output_dir", default=None, help="root of the seeds' caches and tables; report next to it")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (1: everything in this process)")

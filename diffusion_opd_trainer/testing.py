@@ -202,12 +202,14 @@ def tiny_vae(
     )
 
 
-def _to_eval(pipe) -> None:
+def _ready(pipe, dtype: Optional[torch.dtype]):
+    """`pipe` as `from_pretrained` would return it: modules in eval mode, in `dtype`, without a progress bar."""
     # Modules built from configs start in training mode (dropout on); `from_pretrained` would return them in eval.
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
 
 
 def tiny_sd3_pipeline(
@@ -269,8 +271,7 @@ def tiny_sd3_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
     )
-    _to_eval(pipe)
-    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+    return _ready(pipe, dtype)
 
 
 def tiny_sd_pipeline(
@@ -327,8 +328,7 @@ def tiny_sd_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    _to_eval(pipe)
-    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+    return _ready(pipe, dtype)
 
 
 def save_random_lora(

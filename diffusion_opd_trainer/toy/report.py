@@ -145,6 +145,9 @@ def sample_sheet(
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default=None, help="a pipeline folder (default: the bundled base model)")
+    parser.add_argument(
+        "--lora", default=None, help="a LoRA folder or file (diffusers format) to load into the model, e.g. a teacher"
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
@@ -154,6 +157,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.model)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
     start = time.perf_counter()
     results = measure(pipe, args.split, args.num_inference_steps, args.guidance_scale, args.seed)
     results["sampling"] = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
