@@ -40,6 +40,7 @@ __all__ = [
     "seeded",
     "tiny_clip_text_config",
     "tiny_sd3_pipeline",
+    "tiny_sd3_transformer",
     "tiny_sd_pipeline",
 ]
 
@@ -202,6 +203,41 @@ def tiny_vae(
     )
 
 
+def tiny_sd3_transformer(
+    sample_size: int,
+    num_layers: int,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 8,
+    joint_attention_dim: int = 32,
+    pooled_projection_dim: int = 32,
+) -> SD3Transformer2DModel:
+    """
+    A small `SD3Transformer2DModel` on 4-channel latents, patch size 2, RMS-normalised queries and keys (as SD3.5).
+
+    Args:
+        sample_size (`int`): the latent width (also the largest positional-embedding grid).
+        num_layers (`int`): joint transformer blocks.
+        num_attention_heads (`int`, defaults to 4), attention_head_dim (`int`, defaults to 8): the attention shape;
+            the caption projection has their product as width.
+        joint_attention_dim (`int`, defaults to 32): the width of the text-encoder features (the T5 width).
+        pooled_projection_dim (`int`, defaults to 32): the width of the pooled text embedding.
+    """
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=num_attention_heads * attention_head_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        pos_embed_max_size=sample_size,
+        qk_norm="rms_norm",
+    )
+
+
 def _ready(pipe, dtype: Optional[torch.dtype]):
     """`pipe` as `from_pretrained` would return it: modules in eval mode, in `dtype`, without a progress bar."""
     # Modules built from configs start in training mode (dropout on); `from_pretrained` would return them in eval.
@@ -242,19 +278,9 @@ def tiny_sd3_pipeline(
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
         text_encoder_3 = T5EncoderModel(tiny_t5_encoder_config(len(t5_tokenizer)))
-        transformer = SD3Transformer2DModel(
-            sample_size=resolution // 2,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=num_layers,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=32,  # the T5 width; the CLIP features (2 x 16) are zero-padded to it
-            caption_projection_dim=32,
-            pooled_projection_dim=32,  # the two CLIP projections concatenated
-            pos_embed_max_size=resolution // 2,
-            qk_norm="rms_norm",
+        # Text features: the T5 width (the two 16-wide CLIP features are zero-padded to it); pooled: both projections.
+        transformer = tiny_sd3_transformer(
+            resolution // 2, num_layers, joint_attention_dim=32, pooled_projection_dim=32
         )
         vae = tiny_vae(
             4, resolution, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False

@@ -14,6 +14,7 @@ from diffusion_opd_trainer.rewards.geneval import (  # noqa: E402
     COLORS,
     GENEVAL_CLASSES,
     GenEvalReward,
+    GenEvalRules,
     evaluate_geneval,
     geneval_overall,
     relative_position,
@@ -185,8 +186,11 @@ def test_metadata_as_json_and_bad_tag():
 
 
 def test_thresholds_are_settings():
-    assert evaluate_geneval(SINGLE, [det("cat", 0.25)], threshold=0.2) == (True, 1.0)
-    assert evaluate_geneval(COUNT3, [det("cat", 0.85)] * 3, counting_threshold=0.8) == (True, 1.0)
+    assert evaluate_geneval(SINGLE, [det("cat", 0.25)]) == (False, 0.0)
+    assert evaluate_geneval(SINGLE, [det("cat", 0.25)], GenEvalRules(threshold=0.2)) == (True, 1.0)
+    assert evaluate_geneval(COUNT3, [det("cat", 0.85)] * 3, GenEvalRules(counting_threshold=0.8)) == (True, 1.0)
+    only_two = select_objects(SINGLE, [det("cat", 0.5)] * 5, GenEvalRules(max_objects=2))
+    assert len(only_two["cat"]) == 2
 
 
 def test_geneval_overall_is_mean_of_tag_means():

@@ -21,7 +21,7 @@ See `docs/rewards.md`.
 from .base import RewardModel, to_pil_images, to_uint8_images
 from .clip import AestheticMLP, AestheticReward, CLIPRewardModel, CLIPScoreReward, PickScoreReward
 from .extras import HPSv2Reward, ImageRewardReward
-from .geneval import GenEvalReward, evaluate_geneval, geneval_overall, relative_position
+from .geneval import GenEvalReward, GenEvalRules, evaluate_geneval, geneval_overall, relative_position
 from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from .ocr import OCRReward, extract_quoted_text, levenshtein, ocr_reward
 from .registry import get_reward, list_rewards, register_reward, reward_name
@@ -33,6 +33,7 @@ __all__ = [
     "CLIPRewardModel",
     "CLIPScoreReward",
     "GenEvalReward",
+    "GenEvalRules",
     "HPSv2Reward",
     "ImageRewardReward",
     "JpegCompressibility",

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "COLORS",
     "GENEVAL_CLASSES",
     "GenEvalReward",
+    "GenEvalRules",
     "evaluate_geneval",
     "geneval_overall",
     "relative_position",
@@ -120,16 +122,31 @@ def _parse_metadata(metadata: Union[str, dict]) -> dict:
     return metadata
 
 
+@dataclass(frozen=True)
+class GenEvalRules:
+    """
+    GenEval's settings, as in its evaluation script.
+
+    Args:
+        threshold (`float`, defaults to 0.3): a detection counts when its score is strictly above this.
+        counting_threshold (`float`, defaults to 0.9): the same cut-off for a `counting` prompt.
+        max_objects (`int`, defaults to 16): detections kept per class.
+        position_threshold (`float`, defaults to 0.1): the margin of [`relative_position`].
+    """
+
+    threshold: float = 0.3
+    counting_threshold: float = 0.9
+    max_objects: int = 16
+    position_threshold: float = 0.1
+
+
 def select_objects(
-    metadata: Union[str, dict],
-    detections: Sequence[dict],
-    threshold: float = 0.3,
-    counting_threshold: float = 0.9,
-    max_objects: int = 16,
+    metadata: Union[str, dict], detections: Sequence[dict], rules: GenEvalRules = GenEvalRules()
 ) -> dict[str, list[dict]]:
     """
-    GenEval's detection filter: per class, the detections scoring strictly above the threshold (`counting_threshold`
-    for a `counting` prompt, `threshold` otherwise), by decreasing score, at most `max_objects` of them.
+    GenEval's detection filter: per class, the detections scoring strictly above the threshold
+    (`rules.counting_threshold` for a `counting` prompt, `rules.threshold` otherwise), by decreasing score, at most
+    `rules.max_objects` of them.
 
     GenEval's optional non-maximum suppression (`max_overlap`) is off by default there and not implemented here.
 
@@ -137,25 +154,19 @@ def select_objects(
         `dict[str, list[dict]]`: class name -> its kept detections (classes without any are absent).
     """
     metadata = _parse_metadata(metadata)
-    cutoff = counting_threshold if metadata["tag"] == "counting" else threshold
+    cutoff = rules.counting_threshold if metadata["tag"] == "counting" else rules.threshold
     objects: dict[str, list[dict]] = {}
     # A stable sort: equal scores keep the detector's order, as GenEval's argsort of a reversed array nearly does.
     for detection in sorted(detections, key=lambda d: -float(d["score"])):
         if float(detection["score"]) > cutoff:
             kept = objects.setdefault(detection["label"], [])
-            if len(kept) < max_objects:
+            if len(kept) < rules.max_objects:
                 kept.append(detection)
     return objects
 
 
 def evaluate_geneval(
-    metadata: Union[str, dict],
-    detections: Sequence[dict],
-    *,
-    threshold: float = 0.3,
-    counting_threshold: float = 0.9,
-    max_objects: int = 16,
-    position_threshold: float = 0.1,
+    metadata: Union[str, dict], detections: Sequence[dict], rules: GenEvalRules = GenEvalRules()
 ) -> tuple[bool, float]:
     """
     GenEval's rules on one image's detections: the binary GenEval verdict and the partial-credit training reward.
@@ -182,14 +193,13 @@ def evaluate_geneval(
         metadata (`dict` or JSON `str`): one line of GenEval's `evaluation_metadata.jsonl`.
         detections (`Sequence[dict]`): every detection of the image, with `label` (a GenEval class name), `score`,
             `box` (`(x0, y0, x1, y1)`, pixels) and optionally `color` (one of [`COLORS`]).
-        threshold (`float`, defaults to 0.3), counting_threshold (`float`, defaults to 0.9), max_objects (`int`,
-            defaults to 16), position_threshold (`float`, defaults to 0.1): GenEval's settings.
+        rules ([`GenEvalRules`], defaults to GenEval's settings): thresholds and the per-class cap.
 
     Returns:
         `tuple[bool, float]`: `(correct, reward)`.
     """
     metadata = _parse_metadata(metadata)
-    objects = select_objects(metadata, detections, threshold, counting_threshold, max_objects)
+    objects = select_objects(metadata, detections, rules)
     counting = metadata["tag"] == "counting"
     correct = True
     credits: list[float] = []
@@ -205,7 +215,7 @@ def evaluate_geneval(
             # Interpretation: a position pointing at a clause that does not exist (malformed metadata) fails.
             targets = matched_groups[target] if 0 <= target < len(matched_groups) else None
             matched = targets is not None and all(
-                relation in relative_position(obj["box"], other["box"], position_threshold)
+                relation in relative_position(obj["box"], other["box"], rules.position_threshold)
                 for obj in found
                 for other in targets
             )
@@ -297,12 +307,7 @@ class GenEvalReward(RewardModel):
         self.clip_source = clip_model
         self.clip_processor_source = clip_processor if clip_processor is not None else clip_model
         self.strict = strict
-        self.rules = {
-            "threshold": threshold,
-            "counting_threshold": counting_threshold,
-            "max_objects": max_objects,
-            "position_threshold": position_threshold,
-        }
+        self.rules = GenEvalRules(threshold, counting_threshold, max_objects, position_threshold)
         self.max_per_image = max_per_image
         self.detector_size = detector_size
         self._color_classifiers: dict[str, torch.Tensor] = {}
@@ -439,20 +444,14 @@ class GenEvalReward(RewardModel):
                 results.append(None)
                 continue
             meta = _parse_metadata(meta)
-            objects = select_objects(
-                meta,
-                image_detections,
-                self.rules["threshold"],
-                self.rules["counting_threshold"],
-                self.rules["max_objects"],
-            )
+            objects = select_objects(meta, image_detections, self.rules)
             # Only the objects a colour clause looks at (its `count` best) are classified, as in GenEval.
             for clause in meta.get("include", []):
                 if "color" in clause:
                     found = objects.get(clause["class"], [])[: int(clause["count"])]
                     for obj, color in zip(found, self.classify_colors(image, found, clause["class"])):
                         obj["color"] = color
-            results.append(evaluate_geneval(meta, image_detections, **self.rules))
+            results.append(evaluate_geneval(meta, image_detections, self.rules))
         return results
 
     def _batch_outputs(self, images, metadata) -> list[Optional[tuple[bool, float]]]:

@@ -40,6 +40,7 @@ from ..testing import (
     build_clip_tokenizer,
     build_t5_tokenizer,
     tiny_clip_text_config,
+    tiny_sd3_transformer,
     tiny_t5_encoder_config,
     tiny_vae,
 )
@@ -175,19 +176,14 @@ def build_pipeline(config: TrainBaseConfig) -> StableDiffusion3Pipeline:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    transformer = SD3Transformer2DModel(
-        sample_size=latent_size,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=config.num_layers,
-        attention_head_dim=config.attention_head_dim,
+    # Text features: the T5 width, which the two CLIP widths (32 + 32) fill exactly; pooled: the two CLIP projections.
+    transformer = tiny_sd3_transformer(
+        latent_size,
+        config.num_layers,
         num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=64,  # the T5 width; the two CLIP widths (32 + 32) fill it exactly
-        caption_projection_dim=config.num_attention_heads * config.attention_head_dim,
-        pooled_projection_dim=64,  # the two CLIP projections, concatenated
-        pos_embed_max_size=latent_size,
-        qk_norm="rms_norm",
+        attention_head_dim=config.attention_head_dim,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
