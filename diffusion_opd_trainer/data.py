@@ -1,9 +1,13 @@
-"""Loading prompts for the example scripts: a Hub dataset, a JSON/JSONL/CSV/Parquet file, or a text file."""
+"""Prompt datasets: loading them (a Hub dataset, a JSON/JSONL/CSV/Parquet file, a text file) and checking them."""
 
+import logging
 import os
 from typing import Optional
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
+
+
+logger = logging.getLogger(__name__)
 
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -40,3 +44,43 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", prompt_column: 
             f"{name_or_path} has no `prompt` column (columns: {dataset.column_names}); set prompt_column."
         )
     return dataset
+
+
+def check_prompt_dataset(dataset, name: str) -> None:
+    """
+    Checks a trainer's dataset once, before any model work: a `datasets.Dataset` with a `prompt` column of strings.
+    Raises `TypeError` for another type and `ValueError` naming the first bad row (its index and value); empty
+    prompts are allowed, with one warning, as unconditional prompts.
+
+    Args:
+        dataset (`datasets.Dataset`, *optional*): the dataset (`None` passes).
+        name (`str`): the argument's name, for the messages (e.g. `"train_dataset"`).
+    """
+    if dataset is None:
+        return
+    if isinstance(dataset, DatasetDict):
+        raise TypeError(f"`{name}` is a DatasetDict (splits {list(dataset)}): pass one split, e.g. `ds['train']`.")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"`{name}` must be a `datasets.Dataset` with a `prompt` column (e.g. "
+            f"`Dataset.from_dict({{'prompt': [...]}})`), got {type(dataset).__name__}."
+        )
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"`{name}` needs a `prompt` column; it has {dataset.column_names}.")
+    if len(dataset) == 0:
+        raise ValueError(f"`{name}` has no rows.")
+    empty = []
+    for index, prompt in enumerate(dataset["prompt"]):
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"`{name}` row {index}: the prompt must be a string, got {prompt!r} ({type(prompt).__name__})."
+            )
+        if not prompt.strip():
+            empty.append(index)
+    if empty:
+        logger.warning(
+            "`%s` has %d empty prompt(s) (first at row %d): they train as unconditional (empty-text) prompts.",
+            name,
+            len(empty),
+            empty[0],
+        )

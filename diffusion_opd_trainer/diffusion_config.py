@@ -1,11 +1,26 @@
 """Fields shared by the GRPO and OPD configs: sampling, kernel, trained timesteps, rollout reuse, EMA."""
 
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Optional
 
 from transformers import TrainingArguments
 
 from .losses import KL_SCALINGS
+
+
+def check_number(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> None:
+    """
+    Raises a `ValueError` naming `name` unless `value` is a finite real number (not a bool) at least `minimum` (above
+    it when `strict`). A NaN or infinite setting would otherwise reach the loss and turn every saved weight into NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {minimum}, got {value}.")
 
 
 @dataclass
@@ -69,6 +84,13 @@ class DiffusionTrainingConfig(TrainingArguments):
         ema_update_interval (`int`, *optional*, defaults to `8`):
             Optimizer steps between EMA updates (the paper: decay 0.9 every 8 steps).
 
+        > Faults
+
+        max_nonfinite_steps (`int`, *optional*, defaults to `3`):
+            A step whose loss or gradient is not finite (NaN or infinite) is skipped: no weight changes, it is counted
+            as `nonfinite_steps` and warned about. After this many consecutive skipped steps training stops with an
+            error, since the run is not recovering.
+
         > Logging
 
         log_gradient_cosine (`bool`, *optional*, defaults to `False`):
@@ -114,6 +136,9 @@ class DiffusionTrainingConfig(TrainingArguments):
     ema: bool = field(default=False, metadata={"help": "Keep an EMA of the LoRA weights for evaluation and saving."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per update."})
     ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Consecutive non-finite (skipped) steps before training stops with an error."}
+    )
     log_gradient_cosine: bool = field(
         default=False, metadata={"help": "Log the cosine between the gradients of the two halves of each batch."}
     )
@@ -121,14 +146,28 @@ class DiffusionTrainingConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # Every float setting must be a finite number in range: a NaN or infinity would reach the loss silently.
+        for name, minimum, strict in (
+            ("learning_rate", 0, False),
+            ("weight_decay", 0, False),
+            ("max_grad_norm", 0, False),
+            ("guidance_scale", 0, False),
+            ("noise_level", 0, False),
+            ("epsilon", 0, True),
+            ("timestep_fraction", 0, True),
+            ("ema_decay", 0, False),
+        ):
+            check_number(name, getattr(self, name), minimum, strict)
+        if self.eval_guidance_scale is not None:
+            check_number("eval_guidance_scale", self.eval_guidance_scale, 0)
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
         if self.resolution is not None and self.resolution <= 0:
             raise ValueError(f"`resolution` must be positive, got {self.resolution}.")
         if (self.height is None) != (self.width is None):
             raise ValueError("Set both `height` and `width`, or neither (and `resolution` for a square image).")
         if self.num_inference_steps < 1 or self.eval_num_inference_steps < 1:
             raise ValueError("`num_inference_steps` and `eval_num_inference_steps` must be at least 1.")
-        if self.noise_level < 0:
-            raise ValueError(f"`noise_level` must be >= 0, got {self.noise_level}.")
         stochastic_loss = self._stochastic_loss()
         if stochastic_loss is not None and self.noise_level == 0:
             raise ValueError(
@@ -136,8 +175,6 @@ class DiffusionTrainingConfig(TrainingArguments):
                 "(noise_level=0) is deterministic, so its transitions have no log-probability and the policy "
                 "gradient is undefined."
             )
-        if self.epsilon <= 0:
-            raise ValueError(f"`epsilon` must be > 0, got {self.epsilon}.")
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations` must be >= 1, got {self.num_iterations}.")
         if self.kl_scaling not in KL_SCALINGS:

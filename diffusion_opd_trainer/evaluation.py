@@ -182,7 +182,7 @@ def load_lora(pipeline, source: Union[str, os.PathLike], adapter_name: str = EVA
 
     family = get_family(pipeline)
     path = resolve_source(source, "Evaluation LoRA")
-    state_dict, config, _ = read_lora(path, family.denoiser_name)
+    state_dict, config, _ = read_lora(path, family.denoiser_name, denoiser=family.denoiser)
     load_adapter(family.denoiser, state_dict, config, adapter_name, repr(os.fspath(source)))
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .diffusion_config import DiffusionTrainingConfig
+from .diffusion_config import DiffusionTrainingConfig, check_number
 
 
 SCALE_REWARDS = ("batch", "group", "none")
@@ -115,8 +115,8 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
                 "per_device_train_batch_size to "
                 f"{self.num_generations // math.gcd(self.num_generations, self.world_size)}."
             )
-        if self.beta < 0 or self.adv_clip_max <= 0:
-            raise ValueError("`beta` must be >= 0, and `adv_clip_max` must be > 0.")
+        check_number("beta", self.beta, 0)
+        check_number("adv_clip_max", self.adv_clip_max, 0, strict=True)
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"`scale_rewards` must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.")
         if self.stat_tracking_buffer_size < 1:

@@ -99,6 +99,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         optimizers: tuple = (None, None),
     ):
         args = self._resolve_args(model, args)
+        self._check_datasets(train_dataset, eval_dataset)
         self.reward_set = RewardSet(reward_funcs, args.reward_weights)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if self.reward_set.routed and dataset is not None:
@@ -127,7 +128,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         latents = self._group_initial_noise(rollout_index, len(prompts)) if self.args.share_initial_noise else None
         trajectory = self.sample_trajectories(embeds, decode=True, sde_steps=window, latents=latents)
         rollout_time = time.perf_counter() - start
-        local_rewards = self.reward_set(prompts, trajectory.images, columns)
+        local_rewards = self.score(self.reward_set, prompts, trajectory.images, columns)
         reward_time = time.perf_counter() - start - rollout_time
 
         # A group may span processes: normalise over the gathered global batch, then keep this process's slice.

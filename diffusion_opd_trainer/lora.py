@@ -155,7 +155,9 @@ def _find_weight_file(folder: Path) -> tuple[Path, str]:
     )
 
 
-def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer") -> tuple[dict, LoraConfig, str]:
+def read_lora(
+    path: Union[str, os.PathLike], denoiser_name: str = "transformer", denoiser: Optional[torch.nn.Module] = None
+) -> tuple[dict, LoraConfig, str]:
     """
     Reads a LoRA from a PEFT folder, a diffusers LoRA folder or a `.safetensors` file.
 
@@ -166,6 +168,10 @@ def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer")
     Args:
         path (`str` or `os.PathLike`): a folder or a `.safetensors` file.
         denoiser_name (`str`, defaults to `"transformer"`): the key prefix diffusers uses for this denoiser.
+        denoiser (`torch.nn.Module`, *optional*): when given, the LoRA's modules and shapes are checked against it
+            ([`check_lora_keys`]).
+
+    Raises `ValueError` for an unreadable file, non-finite weights, or (with `denoiser`) a LoRA that does not fit.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -177,9 +183,12 @@ def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer")
     else:
         raise FileNotFoundError(f"LoRA path {path} does not exist.")
 
-    raw = load_file(str(weight_file))
-    with safe_open(str(weight_file), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        raw = load_file(str(weight_file))
+        with safe_open(str(weight_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error type for truncated or corrupt files
+        raise ValueError(f"{weight_file} is not a readable safetensors file ({error}).") from error
     prefixes = (f"{denoiser_name}.",)
     alphas = {}
     state_dict = {}
@@ -190,6 +199,15 @@ def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer")
         state_dict[_normalise_key(key, prefixes)] = value
     if not state_dict:
         raise ValueError(f"{weight_file} holds no LoRA weights.")
+    nonfinite = [key for key, value in state_dict.items() if not bool(torch.isfinite(value).all())]
+    if nonfinite:
+        raise ValueError(
+            f"{weight_file} has NaN or infinite values in {len(nonfinite)} tensor(s), e.g. {nonfinite[:3]}: a LoRA "
+            "like this would turn every distilled weight into NaN."
+        )
+    if denoiser is not None:
+        # Before the config's consistency checks: a LoRA for another architecture should be named as such.
+        check_lora_keys(denoiser, state_dict, str(path))
 
     config_dict, base_model = None, None
     config_file = weight_file.parent / PEFT_CONFIG_NAME
@@ -220,6 +238,10 @@ def read_lora(path: Union[str, os.PathLike], denoiser_name: str = "transformer")
     return state_dict, config, fmt
 
 
+# Component names that prefix diffusers-format LoRA keys; one left on a key means the LoRA is for another denoiser.
+_PIPELINE_COMPONENTS = {"unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3"}
+
+
 def check_lora_keys(denoiser: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Raises a `ValueError` naming `source` when the LoRA's modules or shapes do not fit the denoiser."""
     linear_shapes = {
@@ -247,6 +269,12 @@ def check_lora_keys(denoiser: torch.nn.Module, state_dict: dict, source: str) ->
         if missing:
             names = sorted(set(missing))
             details.append(f"{len(names)} module(s) not in {type(denoiser).__name__}, e.g. {names[:3]}")
+            components = sorted({name.split(".", 1)[0] for name in names} & _PIPELINE_COMPONENTS)
+            if components:
+                details.append(
+                    f"its keys name the pipeline component(s) {components}: it is a LoRA for another model "
+                    "architecture (pipeline family)"
+                )
         if mismatched:
             details.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:2]}")
         raise ValueError(f"LoRA {source} does not match the pipeline's denoiser: " + "; ".join(details) + ".")

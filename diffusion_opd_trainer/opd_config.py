@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .diffusion_config import DiffusionTrainingConfig
+from .diffusion_config import DiffusionTrainingConfig, check_number
 from .losses import LOSS_TYPES
 
 
@@ -79,8 +79,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                 self.teacher_guidance_scales = json.loads(self.teacher_guidance_scales)
             except json.JSONDecodeError as error:
                 raise ValueError(f"`teacher_guidance_scales` is not valid JSON: {error}.") from None
-        if self.teacher_guidance_scales is not None and not isinstance(self.teacher_guidance_scales, dict):
-            raise ValueError("`teacher_guidance_scales` must map task names to CFG scales.")
+        if self.teacher_guidance_scales is not None:
+            if not isinstance(self.teacher_guidance_scales, dict):
+                raise ValueError("`teacher_guidance_scales` must map task names to CFG scales.")
+            for task, scale in self.teacher_guidance_scales.items():
+                check_number(f"teacher_guidance_scales[{task!r}]", scale, 0)
 
     def _stochastic_loss(self) -> Optional[str]:
         if self.loss_type in ("policy_gradient", "score_function"):

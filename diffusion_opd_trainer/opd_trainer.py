@@ -100,6 +100,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         eval_reward_funcs: Optional[RewardFuncs] = None,
     ):
         args = self._resolve_args(model, args)
+        self._check_datasets(train_dataset, eval_dataset)
         if not isinstance(teachers, dict) or not teachers:
             raise ValueError("`teachers` must be a non-empty dict mapping each task to its teacher LoRA.")
         # Cheap checks first, before any model is loaded: missing local paths and tasks without a teacher.
@@ -207,6 +208,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         # The halves' losses add up; their per-sample step KLs join back into the batch's.
         loss = sum(part[0] for part in parts)
         kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
+        self._note_nonfinite_tasks(kls, tasks)
         self._record_kl(kls, tasks)
         if self.eval_reward_set is not None and final_latents is not None:
             self._record_proxy_rewards(final_latents, prompts, columns)
@@ -217,7 +219,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     def _record_proxy_rewards(self, final_latents: torch.Tensor, prompts: list[str], columns: dict) -> None:
         """Scores the rollout's images with `eval_reward_funcs` (monitoring only: they never enter the loss)."""
         images = self.family.decode(final_latents)
-        rewards = self.eval_reward_set(prompts, images, columns)
+        rewards = self.score(self.eval_reward_set, prompts, images, columns)
         rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         self._record("train", **self.eval_reward_set.metrics(rewards))
 
@@ -285,6 +287,12 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
             return self.step_loss(step, cached.teacher_means[j], old_log_prob=old)
 
         return self.train_on_steps(model, args.trained_step_indices, step_loss, weight)
+
+    def _note_nonfinite_tasks(self, kls: dict[int, torch.Tensor], tasks: list[str]) -> None:
+        """Names, for the non-finite guard's warning, the tasks (and teachers) whose step KL was not finite."""
+        finite = torch.stack(list(kls.values())).isfinite().all(dim=0).tolist()
+        for task in dict.fromkeys(task for task, ok in zip(tasks, finite) if not ok):
+            self.note_nonfinite(f"task {task!r} (teacher {self.teachers[task].source!r})")
 
     def _record_kl(self, kls: dict[int, torch.Tensor], tasks: list[str]) -> None:
         """Logs the step KL of the global batch (gathered over processes): `kl`, `kl/<task>`, `kl/step_<j>`."""

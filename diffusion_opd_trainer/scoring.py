@@ -1,11 +1,66 @@
-"""Calling reward functions on a batch: names, weights, per-task routing, `None` handling."""
+"""Calling reward functions on a batch: names, weights, per-task routing, `None` handling, output checks."""
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from .rewards import get_reward, reward_name
+
+
+logger = logging.getLogger(__name__)
+
+# Rewards beyond this overflow the float32 standard deviation of the advantages (its squares pass 3.4e38).
+_LARGEST_REWARD = 1e18
+
+
+class RewardError(RuntimeError):
+    """A reward function raised, or returned something that is not one score per image; names the reward."""
+
+    def __init__(self, reward: str, message: str):
+        super().__init__(message)
+        self.reward = reward
+
+
+def _scores(name: str, values: Any, expected: int) -> list[float]:
+    """A reward's output as one float per image (NaN for `None`), or a `RewardError` saying what is wrong with it."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise RewardError(
+                name,
+                f"Reward {name!r} returned an array of shape {tuple(values.shape)}; expected one value per image "
+                f"(shape ({expected},)).",
+            )
+        if values.dtype in (torch.bool, np.bool_):
+            raise RewardError(name, f"Reward {name!r} returned booleans; return a number per image (e.g. 1.0/0.0).")
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise RewardError(name, f"Reward {name!r} returned a {type(values).__name__}; expected a list of numbers.")
+    if len(values) != expected:
+        raise RewardError(name, f"Reward {name!r} returned {len(values)} values for {expected} images.")
+    scores = []
+    for i, value in enumerate(values):
+        if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and np.size(value) == 1:
+            value = value.item()
+        if value is None:
+            scores.append(math.nan)
+        elif isinstance(value, bool):
+            raise RewardError(
+                name, f"Reward {name!r} returned a boolean ({value}) for image {i}; return a number (e.g. 1.0/0.0)."
+            )
+        elif isinstance(value, Real):
+            scores.append(float(value))
+        else:
+            raise RewardError(
+                name,
+                f"Reward {name!r} returned {value!r} ({type(value).__name__}) for image {i}; expected a number or "
+                "None.",
+            )
+    return scores
 
 
 RewardFuncs = Union[Callable, str, Sequence[Union[Callable, str]], Mapping[str, Union[Callable, str]]]
@@ -49,6 +104,7 @@ class RewardSet:
                     f"`reward_weights` has {len(weights)} values for {len(self.funcs)} reward functions {self.names}."
                 )
         self.weights = torch.tensor([float(w) for w in weights])
+        self._warned: set[tuple[str, str]] = set()
 
     def __len__(self) -> int:
         return len(self.funcs)
@@ -78,16 +134,51 @@ class RewardSet:
                     continue
             else:
                 index = list(range(batch_size))
+            name = self.names[column]
             sub_columns = {k: [v[i] for i in index] for k, v in columns.items()}
-            values = func(prompts=[prompts[i] for i in index], images=images[index], **sub_columns)
-            values = list(values)
-            if len(values) != len(index):
-                raise ValueError(
-                    f"Reward {self.names[column]!r} returned {len(values)} values for {len(index)} images."
-                )
-            for i, value in zip(index, values):
-                rewards[i, column] = float("nan") if value is None else float(value)
+            try:
+                values = func(prompts=[prompts[i] for i in index], images=images[index], **sub_columns)
+            except Exception as error:
+                raise RewardError(name, f"Reward {name!r} raised {type(error).__name__}: {error}") from error
+            scores = torch.tensor(_scores(name, values, len(index)), dtype=rewards.dtype)
+            self._warn_if_uninformative(name, scores)
+            # An infinite score would make every advantage of the batch NaN: it counts as unscored instead.
+            rewards[index, column] = torch.where(torch.isinf(scores), math.nan, scores)
         return rewards
+
+    def _warn_if_uninformative(self, name: str, scores: torch.Tensor) -> None:
+        """Warns (once per reward and kind) about a batch that cannot teach anything, or values that overflow."""
+        finite = scores[torch.isfinite(scores)]
+        problems = []
+        if torch.isinf(scores).any():
+            problems.append(
+                (
+                    "inf",
+                    f"returned an infinite value for {int(torch.isinf(scores).sum())} image(s) (counted as unscored)",
+                )
+            )
+        if finite.numel() == 0:
+            problems.append(("none", f"returned no finite value for any of the {scores.numel()} images of a batch"))
+        elif scores.numel() > 1 and finite.numel() == scores.numel() and bool((finite == finite[0]).all()):
+            problems.append(
+                (
+                    "equal",
+                    f"gave all {scores.numel()} images of a batch the same value "
+                    f"({finite[0].item():g}): no learning signal",
+                )
+            )
+        if finite.numel() and finite.abs().max() > _LARGEST_REWARD:
+            problems.append(
+                (
+                    "large",
+                    f"returned values up to {finite.abs().max().item():.3g}, too large for the "
+                    "float32 advantages (their std overflows): rescale the reward",
+                )
+            )
+        for kind, message in problems:
+            if (name, kind) not in self._warned:
+                self._warned.add((name, kind))
+                logger.warning("Reward %r %s. Said once per reward.", name, message)
 
     def total(self, rewards: torch.Tensor) -> torch.Tensor:
         """The weighted sum over reward functions, ignoring NaNs (a sample with no reward at all gets NaN)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from .hub import download_lora
 from .lora import active_adapter, adapter_checksum, load_adapter, read_lora
@@ -73,7 +74,15 @@ def resolve_source(source: Union[str, os.PathLike], owner: str, token=None) -> P
         if not path.exists():
             raise FileNotFoundError(f"{owner}: local path {os.fspath(source)!r} does not exist.")
         return path
-    return download_lora(os.fspath(source), token=token)
+    try:
+        return download_lora(os.fspath(source), token=token)
+    except HfHubHTTPError as error:
+        raise OSError(f"{owner}: cannot fetch the Hub LoRA {os.fspath(source)!r}: {error}") from error
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise OSError(
+            f"{owner}: the Hub LoRA {os.fspath(source)!r} is not in the local Hub cache and the Hub cannot be "
+            f"reached ({type(error).__name__}). Download it while online, or pass a local path."
+        ) from error
 
 
 def check_local_sources(teachers: dict[str, TeacherSource]) -> None:
@@ -103,8 +112,10 @@ def load_teachers(
     """
     Loads each task's teacher LoRA as a frozen adapter (named `teacher_<task>`) on `denoiser`.
 
-    Raises `FileNotFoundError` for a missing local path and `ValueError` for a LoRA whose modules or shapes do not
-    fit the denoiser, naming the task and the source; warns when a teacher was trained on another base model.
+    Raises, naming the task and the source: `FileNotFoundError` for a missing local path, `OSError` for a Hub LoRA
+    that cannot be fetched (offline and not cached), `ValueError` for an unreadable file, non-finite weights, or a
+    LoRA whose modules or shapes do not fit the denoiser (another architecture). Warns when a teacher was trained on
+    another base model.
     """
     if not teachers:
         raise ValueError("`teachers` is empty: OPD needs at least one task -> teacher LoRA.")
@@ -117,8 +128,12 @@ def load_teachers(
     loaded = {}
     for task, source in teachers.items():
         config = _as_config(source)
-        path = resolve_source(config.source, f"Teacher for task {task!r}", token=token)
-        state_dict, lora_config, fmt = read_lora(path, denoiser_name)
+        owner = f"Teacher for task {task!r}"
+        path = resolve_source(config.source, owner, token=token)
+        try:
+            state_dict, lora_config, fmt = read_lora(path, denoiser_name, denoiser=denoiser)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"{owner} ({os.fspath(config.source)!r}): {error}") from error
         adapter_name = f"teacher_{task}"
         # Read before injecting: PEFT overwrites the config's base model with the denoiser's own name.
         teacher_base = lora_config.base_model_name_or_path

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,7 +17,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .checkpoints import STAGING_DIR, checkpoint_problems, latest_intact_checkpoint
+from .data import check_prompt_dataset
 from .diffusion_config import DiffusionTrainingConfig
 from .ema import LoRAEMA
 from .evaluation import EvaluationCallback, evaluate
@@ -34,7 +38,7 @@ from .pipelines import PipelineFamily, PromptEmbeddings, get_family
 from .prompt_sampler import PromptSampler, RolloutBuffer
 from .rewards import reward_name
 from .rollout import Trajectory, rollout
-from .scoring import RewardSet
+from .scoring import RewardError, RewardSet
 
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ logger = logging.getLogger(__name__)
 EMA_STATE_NAME = "ema_state.safetensors"
 ROLLOUT_RNG_NAME = "rollout_rng_state_{}.safetensors"
 TRAINING_ARGS_JSON = "training_args.json"
+INTERRUPTED_DIR = "interrupted"
 
 
 def identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,6 +61,16 @@ class _EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
             self.trainer.ema.step(state.global_step)
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Just before each optimizer step (gradients reduced and clipped): skips the step if anything is not finite."""
+
+    def __init__(self, trainer: "DiffusionTrainerBase"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._skip_step_if_nonfinite()
 
 
 class _TensorBoardCallback(TensorBoardCallback):
@@ -91,6 +106,12 @@ class DiffusionTrainerBase(Trainer):
             raise TypeError(f"`args` must be a {cls._config_class.__name__}, got {type(args).__name__}.")
         return args
 
+    @staticmethod
+    def _check_datasets(train_dataset, eval_dataset) -> None:
+        """Both datasets checked whole ([`~data.check_prompt_dataset`]) before anything is loaded."""
+        check_prompt_dataset(train_dataset, "train_dataset")
+        check_prompt_dataset(eval_dataset, "eval_dataset")
+
     def __init__(
         self,
         model: Union[str, os.PathLike, DiffusionPipeline],
@@ -110,9 +131,6 @@ class DiffusionTrainerBase(Trainer):
         self.pipeline = model
         self.pipeline.set_progress_bar_config(disable=True)
         self.family: PipelineFamily = get_family(model)
-        self._check_dataset(train_dataset, "train_dataset")
-        if eval_dataset is not None:
-            self._check_dataset(eval_dataset, "eval_dataset")
 
         denoiser = self.family.denoiser
         for component in model.components.values():
@@ -150,6 +168,10 @@ class DiffusionTrainerBase(Trainer):
         if args.ema:
             self.ema = LoRAEMA(lora_parameters(denoiser, STUDENT_ADAPTER), args.ema_decay, args.ema_update_interval)
         self.add_callback(_EMACallback(self))
+        self.add_callback(_NonFiniteGuard(self))
+        self._nonfinite_sources: list[str] = []  # what produced a non-finite loss since the last optimizer step
+        self._nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, EvaluationCallback) and callback.trainer is None:
                 callback.trainer = self  # it logs through this trainer
@@ -181,13 +203,6 @@ class DiffusionTrainerBase(Trainer):
             seed=args.seed,
             **self._sampler_options(dataset),
         )
-
-    def _check_dataset(self, dataset, name: str) -> None:
-        if dataset is None:
-            return
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and "prompt" not in columns:
-            raise ValueError(f"`{name}` needs a `prompt` column; it has {columns}.")
 
     @staticmethod
     def _upcast_trainable_parameters(denoiser: torch.nn.Module) -> None:
@@ -242,8 +257,52 @@ class DiffusionTrainerBase(Trainer):
             with self.accelerator.no_sync(model) if not last else contextlib.nullcontext():
                 loss, stats[j] = step_loss(j)
                 self.accelerator.backward(loss * scale)
+            if not bool(torch.isfinite(loss.detach())):
+                self.note_nonfinite(f"rollout step {j}")
             total += loss.detach() * scale
         return total, stats
+
+    # ----- non-finite guard ------------------------------------------------------------------------------------------
+    def note_nonfinite(self, source: str) -> None:
+        """Records that `source` (a rollout step, a task and its teacher...) gave a non-finite loss this step."""
+        if source not in self._nonfinite_sources:
+            self._nonfinite_sources.append(source)
+
+    def _skip_step_if_nonfinite(self) -> None:
+        """
+        Called just before the optimizer step: when the loss or any trainable gradient is not finite (on any process),
+        drops the gradients so that the optimizer leaves every weight (and its moments) unchanged, counts the step in
+        `nonfinite_steps` and warns; after `max_nonfinite_steps` such steps in a row, stops with an error.
+        """
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        bad = bool(self._nonfinite_sources) or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in parameters
+        )
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([float(bad)], device=self.accelerator.device))
+            bad = bool(flags.max() > 0)
+        sources, self._nonfinite_sources = self._nonfinite_sources, []
+        if not bad:
+            self._consecutive_nonfinite = 0
+            return
+        for parameter in parameters:
+            parameter.grad = None  # AdamW skips parameters without a gradient: no update, no weight decay
+        self._nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        step = self.state.global_step + 1
+        where = f" from {', '.join(sources)}" if sources else " (in the gradients)"
+        logger.warning(
+            "Step %d: non-finite loss or gradient%s; the optimizer step was skipped, no weight changed (%d in a row).",
+            step,
+            where,
+            self._consecutive_nonfinite,
+        )
+        if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
+            raise RuntimeError(
+                f"Training stopped at step {step}: {self._consecutive_nonfinite} consecutive steps had a non-finite "
+                f"loss or gradient{where}. No weight was changed by them, and the last checkpoint is intact. Check "
+                "the rewards, the teachers and the learning rate (`max_nonfinite_steps` sets this limit)."
+            )
 
     def _backward_in_halves(self, run: Callable[[slice, float], Any], batch_size: int) -> list[Any]:
         """
@@ -323,6 +382,23 @@ class DiffusionTrainerBase(Trainer):
             prompts, negative_prompt=self.args.negative_prompt, max_sequence_length=self.args.max_sequence_length
         )
 
+    def score(self, reward_set: RewardSet, prompts: list[str], images: torch.Tensor, columns: dict) -> torch.Tensor:
+        """
+        `reward_set(prompts, images, columns)`; when a reward fails, the LoRA as of the last optimizer step is saved to
+        `output_dir/interrupted/` and the [`~scoring.RewardError`] is raised again with the step and that folder.
+        """
+        try:
+            return reward_set(prompts, images, columns)
+        except RewardError as error:
+            step = self.state.global_step + 1
+            folder = os.path.join(self.args.output_dir, INTERRUPTED_DIR)
+            try:
+                self._save(folder)
+                saved = f"the LoRA as of step {step - 1} is saved to {folder}"
+            except Exception as save_error:  # the reward's error matters more; say why nothing was saved
+                saved = f"the LoRA could not be saved ({save_error})"
+            raise RewardError(error.reward, f"{error} (at step {step}; {saved}).") from error
+
     # ----- metrics ---------------------------------------------------------------------------------------------------
     def _record(self, mode: str, **values: float) -> None:
         for key, value in values.items():
@@ -344,6 +420,8 @@ class DiffusionTrainerBase(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "train":
+            metrics["nonfinite_steps"] = self._nonfinite_steps  # skipped steps so far (see `max_nonfinite_steps`)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
@@ -429,18 +507,85 @@ class DiffusionTrainerBase(Trainer):
         Trainer.log(self, metrics)
 
     # ----- saving and resuming ---------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None, ignore_keys_for_eval=None):
+        """
+        `Trainer.train`, with checked resuming. `resume_from_checkpoint=True` (or the string `"true"`, as the example
+        scripts pass it) resumes from the newest intact checkpoint of `output_dir`, skipping damaged newer ones with a
+        warning that names their files; a path is checked whole before anything is loaded, and a damaged one raises
+        a `ValueError` naming its files.
+        """
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("true", "false"):
+            resume_from_checkpoint = resume_from_checkpoint.strip().lower() == "true"
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_intact_checkpoint(self.args.output_dir, PEFT_WEIGHT_NAME)
+        elif resume_from_checkpoint:
+            problems = checkpoint_problems(resume_from_checkpoint, PEFT_WEIGHT_NAME)
+            if problems:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint or None,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """
+        Writes the checkpoint into a staging folder, then renames it to `checkpoint-<step>`: a process killed
+        mid-save leaves every earlier checkpoint intact and no half-written `checkpoint-<step>` behind.
+        """
+        run_dir = self._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):  # saved again at the same step: the new one replaces it
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint == os.path.join(staging, name):
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         """Writes the student LoRA (diffusers + PEFT formats; the EMA weights as the deliverable when EMA is on)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         denoiser = self.unwrapped_denoiser
         trained = adapter_state_dict(denoiser, STUDENT_ADAPTER)
         deliverable = trained
         if self.ema is not None:
             with self.ema.swapped_in():
                 deliverable = adapter_state_dict(denoiser, STUDENT_ADAPTER)
+        for name, weights in (("trained", trained), ("EMA", deliverable)):
+            nonfinite = [key for key, value in weights.items() if not bool(torch.isfinite(value).all())]
+            if nonfinite:
+                raise ValueError(
+                    f"Refusing to save to {output_dir}: the {name} LoRA weights have NaN or infinite values in "
+                    f"{len(nonfinite)} tensor(s), e.g. {nonfinite[:3]}. Earlier checkpoints are left as they were."
+                )
+        os.makedirs(output_dir, exist_ok=True)
+        if self.ema is not None:
             _save_file_atomic(self.ema.state_dict(), os.path.join(output_dir, EMA_STATE_NAME))
         save_lora(
             output_dir,

@@ -82,6 +82,29 @@ def test_example_runs_offline(tmp_path, script, config):
     check_saved_lora(tmp_path / "out", card_mentions[script])
 
 
+def test_example_resumes_with_resume_from_checkpoint_true(tmp_path):
+    """`--resume_from_checkpoint true`, as TRL's scripts take it: the newest intact checkpoint of `output_dir`."""
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "train_teacher_sd3.py"),
+        "--config",
+        str(ROOT / "examples" / "configs" / "grpo_tiny.yaml"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
+    run(command + ["--max_steps", "1"], tmp_path)
+    result = run(command + ["--max_steps", "2", "--resume_from_checkpoint", "true"], tmp_path)
+    assert "Resumed the student LoRA from" in result.stderr and "checkpoint-1" in result.stderr
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+
+
 def test_grpo_with_groups_spanning_two_processes(tmp_path):
     """Two CPU processes of 2 images each, groups of 4: every group spans both processes (rewards are gathered)."""
     run(

@@ -1,11 +1,28 @@
 """The interface every pipeline family implements: encode prompts, run the denoiser with CFG, make noise, decode."""
 
+import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+from diffusers.utils import logging as diffusers_logging
+
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _diffusers_warnings_silenced():
+    # diffusers' `encode_prompt` warns about truncation once per batch; the family says it once per run instead.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.ERROR)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 @dataclass
@@ -79,6 +96,7 @@ class PipelineFamily(ABC):
         self.pipeline = pipeline
         self._cache = _EmbeddingCache()
         self._negative_cache: dict = {}
+        self._warned_truncation = False
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -114,6 +132,34 @@ class PipelineFamily(ABC):
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         """Encodes prompts into the denoiser's conditioning tensors (batch first)."""
 
+    def text_length_limits(self, max_sequence_length: Optional[int]) -> dict[str, int]:
+        """Each tokenizer of the pipeline (by component name) and the token length its encoder truncates prompts to."""
+        limits = {}
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(self.pipeline, name, None)
+            if tokenizer is not None and tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
+                limits[name] = tokenizer.model_max_length
+        return limits
+
+    def _warn_truncation_once(self, prompts: list[str], max_sequence_length: Optional[int]) -> None:
+        if self._warned_truncation:
+            return
+        for name, limit in self.text_length_limits(max_sequence_length).items():
+            tokenizer = getattr(self.pipeline, name)
+            lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+            longest = max(range(len(prompts)), key=lengths.__getitem__)
+            if lengths[longest] > limit:
+                logger.warning(
+                    "Prompts longer than %d tokens are truncated by `%s`'s text encoder (e.g. one of %d tokens: %r). "
+                    "Said once per run.",
+                    limit,
+                    name,
+                    lengths[longest],
+                    prompts[longest][:80],
+                )
+                self._warned_truncation = True
+                return
+
     @torch.no_grad()
     def encode_prompts(
         self,
@@ -136,7 +182,9 @@ class PipelineFamily(ABC):
         missing = list(dict.fromkeys(p for p in prompts if not cache or self._cache.get((p, key)) is None))
         fresh = {}
         if missing:
-            encoded = self._encode(missing, max_sequence_length)
+            self._warn_truncation_once(missing, max_sequence_length)
+            with _diffusers_warnings_silenced():
+                encoded = self._encode(missing, max_sequence_length)
             for i, prompt in enumerate(missing):
                 fresh[prompt] = {k: v[i : i + 1] for k, v in encoded.items()}
                 if cache:

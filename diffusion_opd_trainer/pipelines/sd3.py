@@ -27,6 +27,12 @@ class SD3Family(PipelineFamily):
             length = min(length, tokenizer.model_max_length)
         return length
 
+    def text_length_limits(self, max_sequence_length: Optional[int]) -> dict[str, int]:
+        limits = super().text_length_limits(max_sequence_length)
+        if self.pipeline.tokenizer_3 is not None:
+            limits["tokenizer_3"] = self.effective_max_sequence_length(max_sequence_length)
+        return limits
+
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
