@@ -34,6 +34,7 @@ from transformers import (
 __all__ = [
     "DEFAULT_WORDS",
     "SD3_LORA_TARGET_MODULES",
+    "TINY_TRAINING_ARGS",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "save_random_lora",
@@ -43,6 +44,20 @@ __all__ = [
     "tiny_sd3_transformer",
     "tiny_sd_pipeline",
 ]
+
+# A seconds-long training run on the tiny pipelines (the tests' settings; add the method's own, e.g. batch sizes).
+TINY_TRAINING_ARGS = dict(
+    num_inference_steps=3,
+    guidance_scale=1.0,
+    max_steps=2,
+    learning_rate=1e-2,
+    lr_scheduler_type="constant",
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    seed=0,
+)
 
 # The attention projections of SD3's joint transformer blocks: the paper's LoRA targets.
 SD3_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

@@ -19,24 +19,12 @@ from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, Dif
 from diffusion_opd_trainer.checkpoints import STAGING_DIR, checkpoint_problems, latest_intact_checkpoint
 from diffusion_opd_trainer.lora import PEFT_WEIGHT_NAME, adapter_state_dict
 from diffusion_opd_trainer.scoring import RewardError
-from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline, tiny_sd_pipeline
+from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sd3_pipeline, tiny_sd_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
 LORA = dict(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-COMMON = dict(
-    num_inference_steps=3,
-    eval_num_inference_steps=3,
-    guidance_scale=1.0,
-    max_steps=2,
-    learning_rate=1e-2,
-    lr_scheduler_type="constant",
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    seed=0,
-)
+COMMON = dict(TINY_TRAINING_ARGS, eval_num_inference_steps=3)
 
 
 def grpo_args(tmp_path, **overrides):

@@ -13,7 +13,7 @@ from diffusion_opd_trainer import DiffusionOPDConfig, DiffusionOPDTrainer, Teach
 from diffusion_opd_trainer.lora import read_lora
 from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.sde import sde_step
-from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
+from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sd3_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
@@ -37,18 +37,7 @@ def teacher_dirs(tmp_path_factory):
 
 def opd_args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_inference_steps=4,
-        guidance_scale=1.0,
-        max_steps=2,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
+        TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_inference_steps=4
     )
     values.update(overrides)
     return DiffusionOPDConfig(**values)

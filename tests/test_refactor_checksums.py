@@ -13,23 +13,12 @@ from peft import LoraConfig
 
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.lora import STUDENT_ADAPTER, adapter_state_dict
-from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline, tiny_sd_pipeline
+from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sd3_pipeline, tiny_sd_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
 LORA = dict(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-COMMON = dict(
-    num_inference_steps=3,
-    guidance_scale=1.0,
-    max_steps=2,
-    learning_rate=1e-2,
-    lr_scheduler_type="constant",
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    seed=0,
-)
+COMMON = TINY_TRAINING_ARGS
 
 GRPO_CHECKSUMS = {
     "beta0": "e3b630597a9763a86dbe8a563c4b4502d24d8c6dcd0d64148cab890676436d18",
