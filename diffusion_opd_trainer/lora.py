@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -308,7 +309,10 @@ def load_adapter(
     check_lora_keys(denoiser, state_dict, source)
     trainable = [(p, p.requires_grad) for p in denoiser.parameters()]
     active = [(layer, list(layer.active_adapters)) for layer in _tuner_layers(denoiser)]
-    denoiser.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # Several adapters on one denoiser is the design here (student and teachers), not the accident PEFT warns of.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        denoiser.add_adapter(config, adapter_name=adapter_name)
     load_adapter_weights(denoiser, state_dict, adapter_name, f"LoRA {source}")
     # `add_adapter` activates the new adapter and marks it trainable: restore the previous state, keep it frozen.
     for layer, names in active:

@@ -1,6 +1,7 @@
 """DiffusionOPDTrainer on the tiny SD3 pipeline: losses, teachers, schedules, estimators, errors, saving."""
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,16 @@ def test_teacher_of_another_base_model_gets_a_warning(tmp_path, teacher_dirs, ca
     with caplog.at_level("WARNING", logger="diffusion_opd_trainer.teachers"):
         make_trainer(tmp_path, {"a": str(foreign)}, dataset=Dataset.from_dict({"prompt": PROMPTS}), pipe=pipe)
     assert "FLUX.1-dev" in caplog.text and "task 'a'" in caplog.text
+
+
+def test_loading_a_teacher_does_not_warn_about_multiple_adapters(teacher_dirs):
+    # Student and teachers share one denoiser by design: PEFT's "multiple adapters" warning would only be noise.
+    from diffusion_opd_trainer.lora import add_student_adapter, load_adapter
+
+    pipe = tiny_sd3_pipeline()
+    add_student_adapter(pipe.transformer, LoraConfig(**LORA))
+    state_dict, config, _ = read_lora(teacher_dirs[0], denoiser=pipe.transformer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_adapter(pipe.transformer, state_dict, config, "teacher_a", "test teacher")
+    assert not [w for w in caught if "peft_config" in str(w.message)]
