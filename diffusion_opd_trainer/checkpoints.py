@@ -13,8 +13,9 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from safetensors.torch import load_file
+
+from .lora import nonfinite_keys
 
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,7 @@ def _safetensors_problem(path: Path) -> Optional[str]:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors has its own error type for a cut or corrupt file
         return f"{path.name} is unreadable ({error})"
-    bad = [
-        key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())
-    ]
+    bad = nonfinite_keys(tensors)
     return f"{path.name} has non-finite values in {bad[:3]}" if bad else None
 
 

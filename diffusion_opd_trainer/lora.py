@@ -121,6 +121,11 @@ def set_trainable_adapter(denoiser: torch.nn.Module, adapter_name: str) -> None:
         parameter.requires_grad_("lora_" in name and name.endswith(f".{adapter_name}.weight"))
 
 
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of `tensors` whose values hold a NaN or an infinity (checked before a LoRA is loaded or saved)."""
+    return [key for key, value in tensors.items() if not bool(torch.isfinite(value).all())]
+
+
 # ----- reading LoRA files --------------------------------------------------------------------------------------------
 def _normalise_key(key: str, prefixes: tuple[str, ...]) -> str:
     for prefix in ("base_model.model.",) + prefixes:
@@ -200,7 +205,7 @@ def read_lora(
         state_dict[_normalise_key(key, prefixes)] = value
     if not state_dict:
         raise ValueError(f"{weight_file} holds no LoRA weights.")
-    nonfinite = [key for key, value in state_dict.items() if not bool(torch.isfinite(value).all())]
+    nonfinite = nonfinite_keys(state_dict)
     if nonfinite:
         raise ValueError(
             f"{weight_file} has NaN or infinite values in {len(nonfinite)} tensor(s), e.g. {nonfinite[:3]}: a LoRA "

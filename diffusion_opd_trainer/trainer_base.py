@@ -33,6 +33,7 @@ from .lora import (
     default_lora_config,
     load_adapter_weights,
     lora_parameters,
+    nonfinite_keys,
 )
 from .pipelines import PipelineFamily, PromptEmbeddings, get_family
 from .prompt_sampler import PromptSampler, RolloutBuffer
@@ -578,7 +579,7 @@ class DiffusionTrainerBase(Trainer):
             with self.ema.swapped_in():
                 deliverable = adapter_state_dict(denoiser, STUDENT_ADAPTER)
         for name, weights in (("trained", trained), ("EMA", deliverable)):
-            nonfinite = [key for key, value in weights.items() if not bool(torch.isfinite(value).all())]
+            nonfinite = nonfinite_keys(weights)
             if nonfinite:
                 raise ValueError(
                     f"Refusing to save to {output_dir}: the {name} LoRA weights have NaN or infinite values in "
