@@ -2,7 +2,7 @@
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from typing import Any, Optional, Union
 
@@ -38,8 +38,9 @@ def _scores(name: str, values: Any, expected: int) -> list[float]:
         if values.dtype in (torch.bool, np.bool_):
             raise RewardError(name, f"Reward {name!r} returned booleans; return a number per image (e.g. 1.0/0.0).")
         values = values.tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise RewardError(name, f"Reward {name!r} returned a {type(values).__name__}; expected a list of numbers.")
+    values = list(values)  # any iterable of scores (a tuple, a generator) is fine, as before these checks
     if len(values) != expected:
         raise RewardError(name, f"Reward {name!r} returned {len(values)} values for {expected} images.")
     scores = []

@@ -192,6 +192,16 @@ def test_reward_outputs_are_validated_and_the_reward_named(tmp_path, output, mat
         trainer.train()
 
 
+def test_reward_outputs_may_be_any_iterable_of_numbers():
+    from diffusion_opd_trainer.scoring import RewardSet
+
+    def generator_reward(prompts, images, **kwargs):
+        return (0.5 * i if i else None for i in range(len(prompts)))
+
+    rewards = RewardSet(generator_reward)(PROMPTS[:3], torch.zeros(3, 3, 8, 8), {})
+    assert rewards[1:, 0].tolist() == [0.5, 1.0] and torch.isnan(rewards[0, 0])
+
+
 @pytest.mark.parametrize(
     "values, match",
     [
