@@ -170,7 +170,7 @@ class TableConfig:
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     lora_r: int = 32
     lora_alpha: int = 64
-    grpo_learning_rate: float = 1e-3
+    grpo_learning_rate: float = 5e-4
     grpo_beta: float = 0.01
     grpo_noise_level: float = 0.7
     grpo_kl_scaling: str = "sigma"
@@ -189,7 +189,7 @@ class TableConfig:
     opd_learning_rate: float = 1e-3
     opd_batch_size: int = 16
     opd_gradient_accumulation_steps: int = 1
-    opd_steps: int = 40
+    opd_steps: int = 48
     opd_sde_noise_level: float = 0.7
     opd_timestep_fraction: float = 0.99
 
@@ -252,6 +252,7 @@ class TableConfig:
             num_inference_steps=6,
             grpo_prompts_per_step=4,
             teacher_steps=6,
+            grpo_learning_rate=1e-3,
             opd_batch_size=8,
             opd_steps=6,
         )

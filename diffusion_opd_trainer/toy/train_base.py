@@ -70,7 +70,7 @@ class TrainBaseConfig:
         faded_fraction (`float`, defaults to 1/3): the fraction of compositional training images whose shapes are
             drawn washed out toward white (by `fade_range`, defaults to 0.4-0.6): pale colours that the detector does
             not recognise.
-        misplaced_fraction (`float`, defaults to 0.4): the fraction of text training images whose string is drawn
+        misplaced_fraction (`float`, defaults to 0.55): the fraction of text training images whose string is drawn
             off its place, as a banner at the top (`misplaced_offset`, defaults to 8 pixels up): glyphs that the
             reader, which looks where text belongs, barely sees. A fixed place rather than a random shift, so that
             the base model learns two clean layouts, one right and one wrong, instead of smearing its glyphs over many.
@@ -97,7 +97,7 @@ class TrainBaseConfig:
     task_weights: tuple = (0.5, 0.3, 0.2)
     faded_fraction: float = 1 / 3
     fade_range: tuple = (0.4, 0.6)
-    misplaced_fraction: float = 0.4
+    misplaced_fraction: float = 0.55
     misplaced_offset: tuple = (0, -8)
     vae_steps: int = 300
     vae_batch_size: int = 32
