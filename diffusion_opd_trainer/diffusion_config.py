@@ -114,6 +114,12 @@ class DiffusionTrainingConfig(TrainingArguments):
         default=False,
         metadata={"help": "Keep every dataset column: `task` and metadata columns reach the trainer and the rewards."},
     )
+    dataloader_pin_memory: bool = field(
+        default=False,
+        # The batches are prompt strings: nothing to pin, and on a machine without an accelerator PyTorch's
+        # DataLoader warns at every epoch when asked to.
+        metadata={"help": "Pin the prompt batches' memory (they are strings: off by default)."},
+    )
 
     resolution: Optional[int] = field(default=None, metadata={"help": "Square image size; pipeline default if unset."})
     height: Optional[int] = field(default=None, metadata={"help": "Image height in pixels (overrides resolution)."})
