@@ -30,21 +30,29 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 
+# The default targets by denoiser name; each family's own list is `PipelineFamily.lora_target_modules()` (the FFN
+# layers on request), which the trainers use.
 DEFAULT_TARGET_MODULES = {
-    # The attention projections of SD3's joint blocks (the paper's targets).
+    # The attention projections of SD3's joint blocks (the paper's targets). The same names are Flux.1's attention
+    # projections: both streams of its double-stream blocks and q, k, v of its single-stream blocks.
     "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
     # The UNet's attention projections (DDPO's targets).
     "unet": ["to_q", "to_k", "to_v", "to_out.0"],
 }
 
 
-def default_lora_config(denoiser_name: str = "transformer", r: int = 32, lora_alpha: int = 64) -> LoraConfig:
-    """The paper's student/teacher LoRA: rank 32, alpha 64, gaussian init, on the attention projections."""
+def default_lora_config(
+    denoiser_name: str = "transformer", r: int = 32, lora_alpha: int = 64, target_modules: Optional[list[str]] = None
+) -> LoraConfig:
+    """
+    The paper's student/teacher LoRA: rank 32, alpha 64, gaussian init, on the attention projections
+    (`target_modules`, by default those of `DEFAULT_TARGET_MODULES[denoiser_name]`).
+    """
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         init_lora_weights="gaussian",
-        target_modules=list(DEFAULT_TARGET_MODULES[denoiser_name]),
+        target_modules=list(target_modules or DEFAULT_TARGET_MODULES[denoiser_name]),
     )
 
 

@@ -28,7 +28,7 @@ class Trajectory:
         sde_steps (`list[int]`, *optional*):
             The steps that used the SDE kernel when only a window of them did (the others used the ODE and have a NaN
             log-prob); `None` when every step used the same kernel.
-        guidance_scale (`float`): the CFG scale of the sampler.
+        guidance_scale (`float`): the sampler's `guidance_scale` (CFG, or Flux.1-dev's embedded guidance).
         images (`torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`, *optional*): decoded final latents, on request.
     """
 
@@ -98,7 +98,8 @@ def rollout(
         prompts (`list[str]`, *optional*): the prompts (one trajectory each); or pass `prompt_embeds`.
         prompt_embeds ([`~pipelines.PromptEmbeddings`], *optional*): precomputed conditioning, reused as is.
         num_inference_steps (`int`, defaults to 10): denoising steps N.
-        guidance_scale (`float`, defaults to 4.5): classifier-free guidance scale (1 disables CFG).
+        guidance_scale (`float`, defaults to 4.5): the pipeline's own `guidance_scale`: the classifier-free guidance
+            scale (1 disables CFG) for SD3 and SD, the embedded guidance for Flux.1-dev ([`~pipelines.FluxFamily`]).
         noise_level (`float`, defaults to 0.7): the SDE noise level (DDIM's eta); 0 samples the ODE.
         sde_steps (`list[int]`, *optional*):
             Only these steps (0 = the noisiest) use the SDE at `noise_level`; the others take the deterministic ODE
@@ -107,7 +108,7 @@ def rollout(
         generator (`torch.Generator` or list, *optional*): for the initial noise and the transition noise.
         latents (`torch.Tensor`, *optional*): initial noise x_0, instead of drawing it.
         negative_prompt (`str`, defaults to `""`): CFG's negative prompt.
-        max_sequence_length (`int`, *optional*): T5 length for SD3 (default 256, capped by the tokenizer).
+        max_sequence_length (`int`, *optional*): T5 length (SD3: default 256; Flux: 512; capped by the tokenizer).
         decode (`bool`, defaults to `False`): also decode the final latents into images.
         denoiser (`torch.nn.Module`, *optional*): the module to call instead of the pipeline's own (e.g. DDP-wrapped).
 
@@ -120,7 +121,8 @@ def rollout(
             raise ValueError("Pass `prompts` or `prompt_embeds`.")
         prompt_embeds = family.encode_prompts(
             prompts,
-            negative_prompt=negative_prompt if guidance_scale != 1.0 else None,
+            # Only CFG needs the negative prompt (Flux.1-dev's `guidance_scale` is embedded, not CFG).
+            negative_prompt=negative_prompt if family.cfg_scale(guidance_scale) != 1.0 else None,
             max_sequence_length=max_sequence_length,
         )
     batch_size = len(prompt_embeds)

@@ -139,7 +139,7 @@ class DiffusionTrainerBase(Trainer):
                 component.requires_grad_(False)
                 component.eval()
         if peft_config is None:
-            peft_config = default_lora_config(self.family.denoiser_name)
+            peft_config = default_lora_config(target_modules=self.family.lora_target_modules())
         # The LoRA's random init must depend on the seed only (Trainer.__init__ seeds too, but after this point).
         set_seed(args.seed)
         self.lora_config = peft_config

@@ -120,12 +120,27 @@ class PipelineFamily(ABC):
 
     @property
     def default_resolution(self) -> int:
-        """The pipeline's native image size in pixels."""
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        """The pipeline's native image size in pixels, as its own `__call__` picks it when no size is given."""
+        # Pipelines with a `default_sample_size` (SD3, Flux...) size their images by it; Flux transformers have no
+        # `sample_size` in their config at all. UNet pipelines (SD 1.x/2.x) read the UNet's `sample_size`.
+        sample_size = getattr(self.pipeline, "default_sample_size", None) or self.denoiser.config.sample_size
+        return sample_size * self.vae_scale_factor
 
     @property
     def num_latent_channels(self) -> int:
         return self.denoiser.config.in_channels
+
+    # ----- LoRA -----------------------------------------------------------------------------------------------------
+    #: The default LoRA targets: the attention projections of every stream, as PEFT module-name suffixes.
+    lora_attention_modules: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+    )  # fmt: skip
+    #: The feed-forward layers, added to the targets on request (`lora_target_modules(ffn=True)`).
+    lora_ffn_modules: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+    def lora_target_modules(self, ffn: bool = False) -> list[str]:
+        """The family's default LoRA targets: the attention projections, plus the feed-forward layers with `ffn`."""
+        return list(self.lora_attention_modules) + (list(self.lora_ffn_modules) if ffn else [])
 
     # ----- text -----------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -203,9 +218,25 @@ class PipelineFamily(ABC):
     # ----- denoiser -------------------------------------------------------------------------------------------------
     @abstractmethod
     def _forward(
-        self, denoiser: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
+        self,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        guidance_scale: float,
     ) -> torch.Tensor:
-        """One denoiser call on a batch (no guidance)."""
+        """
+        One denoiser call on a batch, without classifier-free guidance. `guidance_scale` is the caller's, for
+        families whose denoiser takes the guidance as an input (Flux.1-dev's guidance embedding); others ignore it.
+        """
+
+    def cfg_scale(self, guidance_scale: float) -> float:
+        """
+        The classifier-free guidance scale that [`predict`] applies for a `guidance_scale` argument (1: no CFG and no
+        negative prompt needed). The argument itself for CFG families; a guidance-distilled family that embeds
+        `guidance_scale` instead (Flux) returns its own true-CFG scale.
+        """
+        return guidance_scale
 
     def predict(
         self,
@@ -218,13 +249,15 @@ class PipelineFamily(ABC):
         """
         The denoiser's output after classifier-free guidance, in float32.
 
-        With `guidance_scale > 1` the negative and positive halves go through the denoiser as one batch of `2B`.
+        With CFG (`cfg_scale(guidance_scale) != 1`) the negative and positive halves go through the denoiser as one
+        batch of `2B` (one forward, so a DDP-wrapped denoiser is called once per backward).
 
         Args:
-            latents (`torch.Tensor` of shape `(B, C, H, W)`): the current states.
+            latents (`torch.Tensor` of shape `(B, C, H, W)`, or `(B, C, F, H, W)` for video): the current states.
             timestep (`float` or `torch.Tensor`): a value of `scheduler.timesteps`, one or one per sample.
             embeddings ([`PromptEmbeddings`]): the batch's conditioning (needs `uncond` for CFG).
-            guidance_scale (`float`, defaults to 1.0): CFG scale; 1 means no guidance (one forward of `B`).
+            guidance_scale (`float`, defaults to 1.0): the pipeline's own `guidance_scale`: the CFG scale (1 means no
+                guidance, one forward of `B`), or a guidance-distilled family's embedded guidance ([`cfg_scale`]).
             denoiser (`torch.nn.Module`, *optional*): the module to call, e.g. the DDP-wrapped denoiser in training.
         """
         denoiser = self.denoiser if denoiser is None else denoiser
@@ -232,14 +265,17 @@ class PipelineFamily(ABC):
         timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1)
         timestep = timestep.expand(batch_size) if timestep.numel() == 1 else timestep
         model_input = latents.to(self.dtype)
-        if guidance_scale == 1.0:
-            return self._forward(denoiser, model_input, timestep, embeddings.cond).float()
+        cfg_scale = self.cfg_scale(guidance_scale)
+        if cfg_scale == 1.0:
+            return self._forward(denoiser, model_input, timestep, embeddings.cond, guidance_scale).float()
         if embeddings.uncond is None:
-            raise ValueError(f"guidance_scale={guidance_scale} needs negative-prompt embeddings; none were encoded.")
+            raise ValueError(f"CFG scale {cfg_scale} needs negative-prompt embeddings; none were encoded.")
         cond = {k: torch.cat([embeddings.uncond[k], v]) for k, v in embeddings.cond.items()}
-        output = self._forward(denoiser, torch.cat([model_input] * 2), torch.cat([timestep] * 2), cond).float()
+        output = self._forward(
+            denoiser, torch.cat([model_input] * 2), torch.cat([timestep] * 2), cond, guidance_scale
+        ).float()
         uncond_out, cond_out = output.chunk(2)
-        return uncond_out + guidance_scale * (cond_out - uncond_out)
+        return uncond_out + cfg_scale * (cond_out - uncond_out)
 
     # ----- noise, schedule, decoding --------------------------------------------------------------------------------
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:

@@ -14,6 +14,9 @@ class SDFamily(PipelineFamily):
     """
 
     denoiser_name = "unet"
+    # The UNet's attention projections (self- and cross-attention; DDPO's targets) and its transformer FFNs.
+    lora_attention_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_ffn_modules = ("ff.net.0.proj", "ff.net.2")
 
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         prompt_embeds, _ = self.pipeline.encode_prompt(
@@ -21,7 +24,7 @@ class SDFamily(PipelineFamily):
         )
         return {"encoder_hidden_states": prompt_embeds}
 
-    def _forward(self, denoiser, latents, timestep, cond):
+    def _forward(self, denoiser, latents, timestep, cond, guidance_scale):
         latents = self.scheduler.scale_model_input(latents, timestep[0])
         return denoiser(
             latents, timestep, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype), return_dict=False

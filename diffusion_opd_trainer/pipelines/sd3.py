@@ -44,7 +44,7 @@ class SD3Family(PipelineFamily):
         )
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
 
-    def _forward(self, denoiser, latents, timestep, cond):
+    def _forward(self, denoiser, latents, timestep, cond, guidance_scale):
         return denoiser(
             hidden_states=latents,
             timestep=timestep,
