@@ -60,7 +60,7 @@ class DiffusionTrainingConfig(TrainingArguments):
             `"exact"`: the step KL `||mu - mu'||^2 / (2 s^2)` with `s = sigma_t * sqrt(|dt|)` the transition std.
             `"sigma"`: divide by `2 sigma_t^2` instead (`= exact KL * |dt|`), the convention of Flow-GRPO and the
             public DiffusionOPD code, whose `beta` and learning rates are tuned to it. [`DiffusionGRPOConfig`]
-            defaults to `"sigma"`.
+            defaults to `"sigma"`. DDIM kernels (SD 1.x/2.x) have no `dt`: there both settings give the exact KL.
         epsilon (`float`, *optional*, defaults to `1e-4`):
             Clip range of the policy ratio in the clipped surrogate (GRPO's loss, OPD's `"policy_gradient"` loss),
             tuned for log-probs averaged over latent dimensions, as Flow-GRPO's.

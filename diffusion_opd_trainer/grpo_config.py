@@ -39,7 +39,8 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
             Images per prompt (the group size). `per_device_train_batch_size * num_processes` must be a multiple.
         beta (`float`, *optional*, defaults to `0.04`):
             Weight of the KL to the base model (the same denoiser with the LoRA disabled). 0 skips the reference pass.
-            Flow-GRPO uses 0.04 (0.01 for PickScore) with `kl_scaling="sigma"` (this config's default).
+            Flow-GRPO uses 0.04 (0.01 for PickScore) with `kl_scaling="sigma"` (this config's default; on DDIM
+            pipelines, which have no `dt`, it is the exact KL).
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to `[-adv_clip_max, adv_clip_max]`.
         scale_rewards (`str`, *optional*, defaults to `"batch"`):

@@ -28,19 +28,20 @@ def scale_kl(kl: torch.Tensor, transition: TransitionOutput, kl_scaling: str) ->
         kl (`torch.Tensor` of shape `(batch_size,)`): the exact step KL.
         transition ([`~sde.TransitionOutput`]): the step it belongs to (for `dt`).
         kl_scaling (`str`):
-            `"exact"`: the KL itself. `"sigma"`: divide by `2 sigma_t^2` instead of `2 std^2`, i.e. `KL * |dt|`, the
-            convention of Flow-GRPO and the public DiffusionOPD code, whose `beta` and learning rates are tuned to it.
-            Only defined for the flow SDE; for a deterministic step both conventions are the plain mean matching.
+            `"exact"`: the KL itself. `"sigma"`: divide by `2 sigma_t^2` instead of `2 std^2`, `sigma_t` the kernel's
+            noise coefficient: for the flow SDE `std = sigma_t * sqrt(|dt|)`, so this is `KL * |dt|`, the convention
+            of Flow-GRPO and the public DiffusionOPD code, whose `beta` and learning rates are tuned to it. DDIM's
+            discrete kernel has no time step: its `sigma_t` (eta times DDIM's sigma) is the std itself, and `"sigma"`
+            is the exact KL there. For a deterministic step both conventions are the plain mean matching.
 
     Returns:
         `torch.Tensor` of shape `(batch_size,)`.
     """
     if kl_scaling not in KL_SCALINGS:
         raise ValueError(f"`kl_scaling` must be one of {KL_SCALINGS}, got {kl_scaling!r}.")
-    if kl_scaling == "exact" or transition.std is None:
+    if kl_scaling == "exact" or transition.std is None or transition.dt is None:
+        # `dt is None`: a DDIM step, whose std is its sigma_t (no time step to scale by).
         return kl
-    if transition.dt is None:
-        raise ValueError("`kl_scaling='sigma'` is defined for flow-matching schedulers only; use 'exact' with DDIM.")
     return kl * transition.dt.abs().reshape(-1)
 
 
