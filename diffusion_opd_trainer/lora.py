@@ -255,6 +255,40 @@ def read_lora(
 # Component names that prefix diffusers-format LoRA keys; one left on a key means the LoRA is for another denoiser.
 _PIPELINE_COMPONENTS = {"unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3"}
 
+# What a LoRA's module names say about the denoiser it was trained on, first match first. Names shared by several
+# architectures (SD3's and Flux's double-stream `transformer_blocks`) give the likeliest; the widths tell them apart.
+_ARCHITECTURE_MARKERS = (
+    ("single_transformer_blocks.", "Flux.1 (FluxTransformer2DModel)"),
+    ("x_embedder.", "Flux.1 (FluxTransformer2DModel)"),
+    ("down_blocks.", "a UNet (UNet2DConditionModel: SD 1.x/2.x, SDXL)"),
+    ("up_blocks.", "a UNet (UNet2DConditionModel: SD 1.x/2.x, SDXL)"),
+    ("transformer_blocks.", "SD3/SD3.5 (SD3Transformer2DModel; joint blocks only)"),
+)
+
+
+def _attention_width(shapes: dict[str, int]) -> str:
+    """`" with attention width N"`, N the width of the first `to_q` of `shapes` (module -> input width), or `""`."""
+    widths = [width for name, width in shapes.items() if name.endswith("to_q")]
+    return f" with attention width {widths[0]}" if widths else ""
+
+
+def describe_lora_architecture(state_dict: dict) -> str:
+    """The denoiser a LoRA (PEFT key names) was most likely trained on, from its module names and widths."""
+    modules = {key.rsplit(".lora_", 1)[0] for key in state_dict if ".lora_A" in key}
+    names = {
+        module.split(".", 1)[1] if module.split(".", 1)[0] in _PIPELINE_COMPONENTS else module for module in modules
+    }
+    guess = next(
+        (
+            label
+            for marker, label in _ARCHITECTURE_MARKERS
+            if any(n.startswith(marker) or f".{marker}" in n for n in names)
+        ),
+        "an unknown architecture",
+    )
+    widths = {key.rsplit(".lora_", 1)[0]: value.shape[1] for key, value in state_dict.items() if ".lora_A" in key}
+    return guess + _attention_width(widths)
+
 
 def check_lora_keys(denoiser: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Raises a `ValueError` naming `source` when the LoRA's modules or shapes do not fit the denoiser."""
@@ -279,7 +313,11 @@ def check_lora_keys(denoiser: torch.nn.Module, state_dict: dict, source: str) ->
         ):
             mismatched.append(f"{key} {tuple(value.shape)} vs layer {out_features}x{in_features}")
     if missing or mismatched:
-        details = []
+        # Both architectures, so that a LoRA of another family is named as such (the widths tell sizes apart).
+        architecture, name = describe_lora_architecture(state_dict), type(denoiser).__name__
+        own = {module: shape[1] for module, shape in linear_shapes.items() if not module.endswith(".base_layer")}
+        relation = "another model architecture than" if name not in architecture else "not the size of"
+        details = [f"it looks like a LoRA for {architecture}: {relation} the pipeline's {name}{_attention_width(own)}"]
         if missing:
             names = sorted(set(missing))
             details.append(f"{len(names)} module(s) not in {type(denoiser).__name__}, e.g. {names[:3]}")

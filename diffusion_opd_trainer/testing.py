@@ -2,8 +2,8 @@
 
 Everything here is built from configs with random (seeded) weights and deterministic, locally made word-level
 tokenizers: nothing is downloaded, and each pipeline builds in well under a second. The pipelines are the real
-diffusers classes (`StableDiffusion3Pipeline`, `StableDiffusionPipeline`), so every code path that serves SD3.5 or
-SD 1.5 runs on them unchanged.
+diffusers classes (`StableDiffusion3Pipeline`, `FluxPipeline`, `StableDiffusionPipeline`), so every code path that
+serves SD3.5, Flux.1 or SD 1.5 runs on them unchanged.
 """
 
 import contextlib
@@ -15,6 +15,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -40,6 +42,8 @@ __all__ = [
     "save_random_lora",
     "seeded",
     "tiny_clip_text_config",
+    "tiny_flux_pipeline",
+    "tiny_flux_transformer",
     "tiny_sd3_pipeline",
     "tiny_sd3_transformer",
     "tiny_sd_pipeline",
@@ -312,6 +316,104 @@ def tiny_sd3_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
     )
+    return _ready(pipe, dtype)
+
+
+def tiny_flux_transformer(
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    guidance_embeds: bool = True,
+    latent_channels: int = 4,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 8,
+    joint_attention_dim: int = 32,
+    pooled_projection_dim: int = 16,
+) -> FluxTransformer2DModel:
+    """
+    A small `FluxTransformer2DModel`: double-stream and single-stream blocks on 2x2-packed latents, 16 wide (unlike
+    the tiny SD3 transformer's 32, so that a LoRA of one does not fit the other).
+
+    Args:
+        num_layers (`int`, defaults to 1), num_single_layers (`int`, defaults to 1): double- and single-stream blocks.
+        guidance_embeds (`bool`, defaults to `True`): a guidance embedding, as Flux.1-dev (`False`: as schnell).
+        latent_channels (`int`, defaults to 4): the VAE's latent channels (the transformer sees 4x as many).
+        num_attention_heads (`int`, defaults to 2), attention_head_dim (`int`, defaults to 8): the attention shape
+            (the rotary axes split the head dimension 2 + 2 + 4, as Flux's 16 + 56 + 56).
+        joint_attention_dim (`int`, defaults to 32): the T5 width. pooled_projection_dim (`int`, defaults to 16):
+            the CLIP width.
+    """
+    quarter = attention_head_dim // 4
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(quarter, quarter, attention_head_dim - 2 * quarter),
+    )
+
+
+def tiny_flux_pipeline(
+    seed: int = 0,
+    resolution: int = 32,
+    variant: str = "dev",
+    words: Iterable[str] = DEFAULT_WORDS,
+    text_max_length: int = 8,
+    dtype: torch.dtype = torch.float32,
+) -> FluxPipeline:
+    """
+    A tiny, random `FluxPipeline` (CLIP and T5 encoders, a Flux transformer and a 16x-packing VAE), Flux.1-dev-like
+    or Flux.1-schnell-like.
+
+    Args:
+        seed (`int`, defaults to 0): seeds the random weights.
+        resolution (`int`, defaults to 32): the pipeline's default image size in pixels (a multiple of 4: latents are
+            `resolution // 2` wide and packed 2x2).
+        variant (`str`, defaults to `"dev"`): `"dev"` (guidance embedding, dynamically shifted schedule, as
+            Flux.1-dev's scheduler config) or `"schnell"` (no guidance embedding, unshifted schedule).
+        words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the tokenizers' whole-word vocabulary.
+        text_max_length (`int`, defaults to 8): CLIP and T5 length.
+        dtype (`torch.dtype`, defaults to `torch.float32`): the dtype of every module.
+    """
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"`variant` must be 'dev' or 'schnell', got {variant!r}.")
+    words = list(words)
+    clip_tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
+    t5_tokenizer = build_t5_tokenizer(words, model_max_length=text_max_length)
+    with seeded(seed):
+        text_encoder = CLIPTextModel(tiny_clip_text_config(len(clip_tokenizer), 16, 16, text_max_length))
+        text_encoder_2 = T5EncoderModel(tiny_t5_encoder_config(len(t5_tokenizer)))
+        transformer = tiny_flux_transformer(guidance_embeds=variant == "dev")
+        vae = tiny_vae(
+            4, resolution, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False
+        )
+    # The schedulers of the released checkpoints (their scheduler_config.json).
+    if variant == "dev":
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    # FluxPipeline's default size is 1024 px whatever the model; a tiny one defaults to its own size.
+    pipe.default_sample_size = resolution // pipe.vae_scale_factor
     return _ready(pipe, dtype)
 
 

@@ -1,0 +1,250 @@
+"""Pipeline families beyond SD3: Flux.1 (dev and schnell) parity, training, saving, teachers, errors; defaults on all.
+
+Guidance semantics (Flux): `guidance_scale`, in `rollout`, `PipelineFamily.predict` and the trainers' configs, means
+what it means in `FluxPipeline.__call__`. For Flux.1-dev (a guidance-distilled model, `guidance_embeds=True`) it is
+the *embedded* guidance, fed to the transformer's guidance embedding: one forward per step, no negative prompt, no CFG
+(the pipeline's default is 3.5). Flux.1-schnell has no guidance embedding and ignores it, as the pipeline does. True
+classifier-free guidance with a negative prompt is the pipeline's `true_cfg_scale`, given to the family:
+`FluxFamily(pipe, true_cfg_scale=s)`. For SD3 and SD 1.x `guidance_scale` is the CFG scale, as in their pipelines.
+"""
+
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import DiffusionPipeline, FluxPipeline
+
+from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
+from diffusion_opd_trainer.pipelines import FluxFamily, get_family
+from diffusion_opd_trainer.rollout import rollout
+from diffusion_opd_trainer.testing import (
+    TINY_TRAINING_ARGS,
+    save_random_lora,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+)
+
+
+PROMPTS = ["a red circle", "two blue squares", "a photo of a cat"]
+BUILDERS = {
+    "sd3": tiny_sd3_pipeline,
+    "sd15": tiny_sd_pipeline,
+    "flux-dev": lambda: tiny_flux_pipeline(variant="dev"),
+    "flux-schnell": lambda: tiny_flux_pipeline(variant="schnell"),
+}
+
+
+def brightness(prompts, images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def pipeline_images(pipe, prompts, seed=0, steps=4, **kwargs):
+    """The pipeline's own sampler, images in [0, 1] (T5 length 8: the tiny tokenizers')."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompts, num_inference_steps=steps, generator=generator, output_type="pt", max_sequence_length=8, **kwargs
+    ).images
+
+
+def ode_images(pipe, prompts, seed=0, steps=4, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    return rollout(
+        pipe, prompts, num_inference_steps=steps, noise_level=0.0, generator=generator, decode=True, **kwargs
+    ).images
+
+
+# ----- parity --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_flux_ode_rollout_gives_the_pipelines_images(variant):
+    """`rollout(noise_level=0)` = `FluxPipeline.__call__`, same seed, steps and `guidance_scale` (embedded for dev)."""
+    pipe = tiny_flux_pipeline(variant=variant)
+    expected = pipeline_images(pipe, PROMPTS, guidance_scale=3.5)
+    got = ode_images(pipe, PROMPTS, guidance_scale=3.5, max_sequence_length=8)
+    assert got.shape == (3, 3, 32, 32)  # the pipeline's default size: no height or width given to either
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    # The schedule is the pipeline's (dynamic shifting for dev: mu from the packed sequence length).
+    torch.testing.assert_close(get_family(pipe).set_timesteps(4, 32, 32), pipe.scheduler.timesteps)
+    other_guidance = ode_images(pipe, PROMPTS, guidance_scale=1.0, max_sequence_length=8)
+    if variant == "dev":  # the guidance embedding sees the value
+        assert (other_guidance - got).abs().max() > 1e-4
+    else:  # schnell has none, as in the pipeline
+        torch.testing.assert_close(other_guidance, got, rtol=0, atol=0)
+
+
+def test_flux_true_cfg_with_a_negative_prompt_gives_the_pipelines_images():
+    pipe = tiny_flux_pipeline(variant="dev")
+    expected = pipeline_images(pipe, PROMPTS, guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt="text")
+    family = FluxFamily(pipe, true_cfg_scale=4.0)
+    got = ode_images(family, PROMPTS, guidance_scale=3.5, negative_prompt="text", max_sequence_length=8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert (got - ode_images(pipe, PROMPTS, guidance_scale=3.5, max_sequence_length=8)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_flux_sde_rollout_has_finite_log_probs(variant):
+    pipe = tiny_flux_pipeline(variant=variant)
+    trajectory = rollout(
+        pipe, PROMPTS, num_inference_steps=4, noise_level=0.7, generator=torch.Generator().manual_seed(0)
+    )
+    assert trajectory.latents.shape == (3, 5, 4, 16, 16)  # unpacked latents, as the VAE sees them
+    assert trajectory.log_probs.shape == (3, 4)
+    assert torch.isfinite(trajectory.log_probs).all()
+
+
+def test_flux_default_size_comes_from_the_pipeline():
+    pipe = tiny_flux_pipeline()
+    assert "sample_size" not in pipe.transformer.config  # what the trainers used to read
+    assert get_family(pipe).default_resolution == 32
+    pipe.default_sample_size = 128  # FluxPipeline's own default: 128 latent pixels
+    assert get_family(pipe).default_resolution == 128 * pipe.vae_scale_factor
+
+
+# ----- LoRA targets --------------------------------------------------------------------------------------------------
+def lora_modules(pipe, targets):
+    from peft import LoraConfig
+
+    denoiser = pipe.transformer
+    denoiser.add_adapter(LoraConfig(r=2, target_modules=targets))
+    return {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_parameters() if ".lora_A." in name}
+
+
+def test_flux_default_lora_targets_cover_every_attention_projection():
+    pipe = tiny_flux_pipeline()
+    family = get_family(pipe)
+    double = [f"transformer_blocks.0.attn.{m}" for m in family.lora_attention_modules]
+    single = [f"single_transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")]
+    assert lora_modules(pipe, family.lora_target_modules()) == set(double + single)
+    with_ffn = lora_modules(tiny_flux_pipeline(), family.lora_target_modules(ffn=True))
+    ffn = {
+        "transformer_blocks.0.ff.net.0.proj",
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.ff_context.net.0.proj",
+        "transformer_blocks.0.ff_context.net.2",
+        "single_transformer_blocks.0.proj_mlp",
+        "single_transformer_blocks.0.proj_out",
+    }
+    assert with_ffn == set(double + single) | ffn  # not the transformer's final `proj_out`
+
+
+# ----- training ------------------------------------------------------------------------------------------------------
+def grpo_trainer(tmp_path, pipe, **overrides):
+    values = dict(
+        TINY_TRAINING_ARGS,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        beta=0.0,
+        guidance_scale=3.5,
+    )
+    values.update(overrides)
+    return DiffusionGRPOTrainer(
+        pipe,
+        reward_funcs=brightness,
+        args=DiffusionGRPOConfig(**values),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+    )
+
+
+def test_flux_grpo_trains_two_steps_and_the_saved_lora_loads_in_flux_pipeline(tmp_path):
+    trainer = grpo_trainer(tmp_path, tiny_flux_pipeline())
+    trainer.train()
+    assert trainer.state.global_step == 2
+    trainer.save_model(str(tmp_path / "lora"))
+    trained = ode_images(trainer.pipeline, PROMPTS, guidance_scale=3.5, max_sequence_length=8)
+    fresh = tiny_flux_pipeline()
+    base = pipeline_images(fresh, PROMPTS, guidance_scale=3.5)
+    FluxPipeline.load_lora_weights(fresh, str(tmp_path / "lora"))
+    reloaded = pipeline_images(fresh, PROMPTS, guidance_scale=3.5)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
+    assert (reloaded - base).abs().max() > 1e-5  # the LoRA trained, and loaded
+
+
+@pytest.fixture(scope="module")
+def flux_teachers(tmp_path_factory):
+    """Flux teachers in both formats: a PEFT folder and a diffusers LoRA file."""
+    root = tmp_path_factory.mktemp("flux_teachers")
+    pipe = tiny_flux_pipeline()
+    peft_dir = save_random_lora(pipe, root / "peft", "peft", seed=1, std=0.3)
+    diffusers_dir = save_random_lora(pipe, root / "diffusers", "diffusers", seed=2, std=0.3)
+    return peft_dir, f"{diffusers_dir}/pytorch_lora_weights.safetensors"
+
+
+def opd_trainer(tmp_path, pipe, teachers, **overrides):
+    values = dict(
+        TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_inference_steps=3
+    )
+    values.update(overrides)
+    tasks = list(teachers)
+    prompts = ["a red circle", "two blue squares", "a cat", "a dog"]
+    return DiffusionOPDTrainer(
+        pipe,
+        teachers=teachers,
+        args=DiffusionOPDConfig(**values),
+        train_dataset=Dataset.from_dict({"prompt": prompts, "task": [tasks[i % len(tasks)] for i in range(4)]}),
+    )
+
+
+def test_flux_opd_with_peft_diffusers_and_hub_teachers(tmp_path, flux_teachers, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    peft_dir, diffusers_file = flux_teachers
+    commit = "b" * 40
+    repo = tmp_path / "hub" / "models--user--flux-teachers"
+    shutil.copytree(peft_dir, repo / "snapshots" / commit / "ocr")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/flux-teachers/ocr@main"}
+    trainer = opd_trainer(tmp_path, tiny_flux_pipeline(), teachers, guidance_scale=3.5)
+    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
+    trainer.train()
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert len(kls) == 2 and all(kl > 0 for kl in kls)
+    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
+    trainer.save_model(str(tmp_path / "student"))
+    fresh = tiny_flux_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "student"))
+    torch.testing.assert_close(
+        pipeline_images(fresh, PROMPTS[:2], guidance_scale=3.5),
+        ode_images(trainer.pipeline, PROMPTS[:2], guidance_scale=3.5, max_sequence_length=8),
+        rtol=0,
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd15", "flux-dev", "flux-schnell"])
+def test_grpo_with_default_kernel_settings_runs_on_every_family(tmp_path, family):
+    """GRPO's defaults (noise 0.7, beta 0.04, `kl_scaling="sigma"`, guidance 4.5) work on every kernel (DDIM too)."""
+    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
+    trainer = grpo_trainer(
+        tmp_path,
+        BUILDERS[family](),
+        **{key: getattr(defaults, key) for key in ("noise_level", "beta", "kl_scaling", "guidance_scale")},
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
+    assert trainer._nonfinite_steps == 0
+
+
+# ----- errors --------------------------------------------------------------------------------------------------------
+def test_unsupported_pipeline_is_a_type_error_naming_the_families(tmp_path):
+    class OtherPipeline(DiffusionPipeline):
+        pass
+
+    with pytest.raises(
+        TypeError, match="OtherPipeline.*StableDiffusion3Pipeline.*FluxPipeline.*StableDiffusionPipeline"
+    ):
+        grpo_trainer(tmp_path, OtherPipeline())
+
+
+def test_teacher_lora_of_another_family_names_task_source_and_both_architectures(tmp_path, flux_teachers):
+    peft_dir, _ = flux_teachers
+    with pytest.raises(ValueError, match=r"task 'a'.*peft.*Flux\.1 \(FluxTransformer2DModel\).*SD3Transformer2DModel"):
+        opd_trainer(tmp_path, tiny_sd3_pipeline(), {"a": peft_dir})
+    sd3_lora = save_random_lora(tiny_sd3_pipeline(), tmp_path / "sd3_lora", "diffusers")
+    with pytest.raises(ValueError, match=r"task 'b'.*sd3_lora.*SD3/SD3\.5.*another model.*FluxTransformer2DModel"):
+        opd_trainer(tmp_path, tiny_flux_pipeline(), {"b": sd3_lora})
