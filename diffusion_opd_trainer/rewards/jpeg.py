@@ -37,7 +37,8 @@ class JpegIncompressibility(RewardModel):
     Args:
         quality (`int`, defaults to 95): the JPEG quality.
         batch_size (`int`, defaults to 64): images per batch.
-        name (`str`, defaults to `"jpeg_incompressibility"`): the metric name.
+        **kwargs: `name` (the metric name, defaults to `"jpeg_incompressibility"`), `device` and `dtype` of
+            [`RewardModel`].
     """
 
     name = "jpeg_incompressibility"
@@ -58,7 +59,8 @@ class JpegCompressibility(JpegIncompressibility):
     Args:
         quality (`int`, defaults to 95): the JPEG quality.
         batch_size (`int`, defaults to 64): images per batch.
-        name (`str`, defaults to `"jpeg_compressibility"`): the metric name.
+        **kwargs: `name` (the metric name, defaults to `"jpeg_compressibility"`), `device` and `dtype` of
+            [`RewardModel`].
     """
 
     name = "jpeg_compressibility"
