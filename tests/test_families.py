@@ -248,3 +248,19 @@ def test_teacher_lora_of_another_family_names_task_source_and_both_architectures
     sd3_lora = save_random_lora(tiny_sd3_pipeline(), tmp_path / "sd3_lora", "diffusers")
     with pytest.raises(ValueError, match=r"task 'b'.*sd3_lora.*SD3/SD3\.5.*another model.*FluxTransformer2DModel"):
         opd_trainer(tmp_path, tiny_flux_pipeline(), {"b": sd3_lora})
+
+
+# ----- real scale, on the meta device --------------------------------------------------------------------------------
+def test_real_scale_denoisers_and_default_loras_on_the_meta_device():
+    """SD3.5-Medium and Flux.1-dev from their public configs: no weight allocated, exact parameter counts."""
+    from diffusion_opd_trainer.model_sizes import denoiser_size, size_table
+
+    sd35, flux = denoiser_size("SD3.5-Medium"), denoiser_size("Flux.1-dev")
+    assert sd35.devices == flux.devices == ["meta"]
+    assert sd35.base_params == 2_243_171_520 and flux.base_params == 11_901_408_320  # Flux.1: "12B"
+    # r32 on a d x d projection: 32 * 2d. SD3.5-M (d 1536): 24 joint blocks x 7 (+ to_add_out but in the last
+    # block) + 13 second attentions x 4 = 243 layers. Flux (d 3072): 19 double blocks x 8 + 38 single blocks x 3.
+    assert (sd35.lora_layers, sd35.lora_params) == (243, 243 * 32 * 2 * 1536)
+    assert (flux.lora_layers, flux.lora_params) == (266, 266 * 32 * 2 * 3072)
+    assert round(flux.teacher_bf16_mib, 1) == 99.8 and round(sd35.teacher_bf16_mib, 1) == 45.6
+    assert "| Flux.1-dev | 11.901 B | 22.17 GiB | 266 | 52.30 M | 99.8 MiB |" in size_table(sizes=[sd35, flux])

@@ -1,0 +1,123 @@
+"""Real-scale denoisers on the meta device: parameter counts of the base models and of their default LoRAs.
+
+No weights are downloaded or allocated: each denoiser is built from its public `transformer/config.json` values
+(written out here, source noted) under `accelerate.init_empty_weights`, and the family's default LoRA is attached to
+it there too, so the counts are exact and the whole table takes about a second and no memory.
+"""
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+
+__all__ = ["REAL_SCALE_DENOISERS", "DenoiserSize", "denoiser_size", "size_table"]
+
+# The `transformer/config.json` of each checkpoint on the Hugging Face Hub (the `source` of each entry).
+REAL_SCALE_DENOISERS = {
+    "SD3.5-Medium": dict(
+        source="stabilityai/stable-diffusion-3.5-medium/transformer/config.json",
+        class_name="SD3Transformer2DModel",
+        family="sd3",
+        config=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        ),
+    ),
+    "Flux.1-dev": dict(
+        source="black-forest-labs/FLUX.1-dev/transformer/config.json",
+        class_name="FluxTransformer2DModel",
+        family="flux",
+        config=dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+    ),
+}
+
+
+@dataclass
+class DenoiserSize:
+    """Sizes of one real-scale denoiser and of its default LoRA (rank `r`)."""
+
+    name: str
+    base_params: int  # parameters only: SD3.5's persistent `pos_embed` buffer (226 M values) is not counted
+    lora_params: int
+    lora_layers: int
+    r: int
+    devices: list[str]  # where the denoiser's tensors live: only "meta", nothing allocated
+
+    @property
+    def base_bf16_gib(self) -> float:
+        return self.base_params * 2 / 2**30
+
+    @property
+    def teacher_bf16_mib(self) -> float:
+        """One teacher LoRA in bf16: its file size, and its memory on the shared denoiser."""
+        return self.lora_params * 2 / 2**20
+
+
+def denoiser_size(name: str, r: int = 32, ffn: bool = False) -> DenoiserSize:
+    """Builds `REAL_SCALE_DENOISERS[name]` on the meta device with the family's default LoRA (rank `r`) and counts."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+
+    from .pipelines.flux import FluxFamily
+    from .pipelines.sd3 import SD3Family
+
+    spec = REAL_SCALE_DENOISERS[name]
+    # Buffers too: SD3.5's positional-embedding table alone is 226 M values (0.9 GB in float32).
+    with init_empty_weights(include_buffers=True):
+        denoiser = getattr(diffusers, spec["class_name"])(**spec["config"])
+        base_params = sum(p.numel() for p in denoiser.parameters())
+        # The family's LoRA targets read only the denoiser (its config): a stand-in pipeline holding it will do.
+        family = {"sd3": SD3Family, "flux": FluxFamily}[spec["family"]](SimpleNamespace(transformer=denoiser))
+        targets = family.lora_target_modules(ffn=ffn)
+        denoiser.add_adapter(LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights="gaussian", target_modules=targets))
+    lora = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    return DenoiserSize(
+        name=name,
+        base_params=base_params,
+        lora_params=sum(p.numel() for p in lora.values()),
+        lora_layers=sum(1 for n in lora if ".lora_A." in n),
+        r=r,
+        devices=sorted({str(p.device) for p in denoiser.parameters()} | {str(b.device) for b in denoiser.buffers()}),
+    )
+
+
+def size_table(r: int = 32, sizes: Optional[list[DenoiserSize]] = None) -> str:
+    """
+    A markdown table of base and LoRA parameters and bf16 sizes: of `sizes`, or of every `REAL_SCALE_DENOISERS` entry
+    with the default LoRA of rank `r`.
+    """
+    sizes = sizes if sizes is not None else [denoiser_size(name, r) for name in REAL_SCALE_DENOISERS]
+    r = sizes[0].r if sizes else r
+    rows = [
+        f"| denoiser | base parameters | in bf16 | LoRA r{r} layers | LoRA r{r} parameters | one teacher in bf16 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for size in sizes:
+        rows.append(
+            f"| {size.name} | {size.base_params / 1e9:.3f} B | {size.base_bf16_gib:.2f} GiB | {size.lora_layers} | "
+            f"{size.lora_params / 1e6:.2f} M | {size.teacher_bf16_mib:.1f} MiB |"
+        )
+    return "\n".join(rows)
