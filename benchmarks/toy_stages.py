@@ -253,6 +253,7 @@ class TableConfig:
             grpo_prompts_per_step=4,
             teacher_steps=6,
             grpo_learning_rate=1e-3,
+            grpo_sde_window_size=1,
             opd_batch_size=8,
             opd_steps=6,
         )
