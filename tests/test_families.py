@@ -9,6 +9,7 @@ classifier-free guidance with a negative prompt is the pipeline's `true_cfg_scal
 """
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -53,6 +54,18 @@ def ode_images(pipe, prompts, seed=0, steps=4, **kwargs):
     return rollout(
         pipe, prompts, num_inference_steps=steps, noise_level=0.0, generator=generator, decode=True, **kwargs
     ).images
+
+
+# ----- tiny pipelines ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_tiny_flux_pipelines_build_fast_offline_and_deterministic(variant):
+    start = time.process_time()  # CPU time: the wall clock of a shared machine says little
+    pipe = tiny_flux_pipeline(seed=1, variant=variant)
+    assert time.process_time() - start < 1.0
+    assert pipe.transformer.config.guidance_embeds == (variant == "dev")
+    again = tiny_flux_pipeline(seed=1, variant=variant)
+    for (name, p), q in zip(pipe.transformer.named_parameters(), again.transformer.parameters()):
+        assert torch.equal(p, q), name
 
 
 # ----- parity --------------------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ class FluxFamily(PipelineFamily):
     **Guidance.** `guidance_scale` (of [`~rollout.rollout`], [`predict`] and the trainers' configs) means what it
     means in `FluxPipeline.__call__`: the *embedded* guidance of the guidance-distilled Flux.1-dev, fed to the
     transformer's guidance embedding, with one forward per step and no negative prompt (the pipeline's default is
-    3.5). Flux.1-schnell has no guidance embedding (`guidance_embeds=False`) and ignores it, as the pipeline does.
-    True classifier-free guidance with a negative prompt is the pipeline's `true_cfg_scale`, given here to the family:
+    3.5; the trainers' configs default to SD3.5's 4.5, so set `guidance_scale=3.5` for dev). Flux.1-schnell has no
+    guidance embedding (`guidance_embeds=False`) and ignores it, as the pipeline does. True classifier-free guidance
+    with a negative prompt is the pipeline's `true_cfg_scale`, given here to the family:
     `rollout(FluxFamily(pipe, true_cfg_scale=4.0), prompts, negative_prompt="...")` samples as
-    `pipe(prompts, true_cfg_scale=4.0, negative_prompt="...")`.
+    `pipe(prompts, true_cfg_scale=4.0, negative_prompt="...")` (the trainers wrap the pipeline with the default 1).
 
     Rollouts keep the latents *unpacked*, `(B, C, H / 8, W / 8)` as the VAE sees them, so that the kernels, the
     trajectories and the trainers are the same as for every other family; they are packed into the transformer's
