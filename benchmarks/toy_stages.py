@@ -97,7 +97,8 @@ WORLD_SOURCES = tuple(Path(toy.__file__).parent / f"{name}.py" for name in ("rew
 class TableConfig:
     r"""
     Settings of the miniature Table 1. [`TableConfig.quick`] runs the whole pipeline in a few minutes;
-    [`TableConfig.full`] is the committed table (about 40 minutes a seed on two CPU cores).
+    [`TableConfig.full`] is the committed table (33 to 67 minutes a seed on two CPU cores so far, see
+    docs/toy_table.md).
 
     Parameters:
         output_dir (`str`, defaults to `"results/toy_table"`):
@@ -238,9 +239,10 @@ class TableConfig:
     def quick(cls, **overrides) -> "TableConfig":
         """
         The whole pipeline in about three minutes on two cores: 6-step rollouts and evaluation, teachers of 6 steps of
-        4 prompts x 8 images, 16 test prompts per task. Sized for each teacher to beat the base model on its own task
-        (the prompt-independent failures are learnt in a few steps; the text teacher did not on one of seeds 0-8, see
-        docs/toy_table.md), not for the claims, which need the full run's budget and its 3 seeds.
+        4 prompts x 8 images at lr 1e-3 with the SDE window on step 0 only (a 2-step window is a third of a 6-step
+        rollout and made the text teacher worse), 16 test prompts per task. Sized for each teacher to beat the base
+        model on its own task (the prompt-independent failures are learnt in a few steps, see docs/toy_table.md), not
+        for the claims, which need the full run's budget and its 3 seeds.
         """
         settings = dict(
             output_dir="results/toy_table_quick",
@@ -262,7 +264,7 @@ class TableConfig:
 
     @classmethod
     def full(cls, **overrides) -> "TableConfig":
-        """The committed table (about 40 minutes a seed on two CPU cores)."""
+        """The committed table (33 to 67 minutes a seed on two CPU cores so far, see docs/toy_table.md)."""
         return cls(**overrides)
 
     @property
