@@ -101,8 +101,9 @@ class DiffusionTrainingConfig(TrainingArguments):
             then `sqrt(2 cos / (1 - cos))`. One process only (under several, the halves' gradients are synchronised
             in between and the figure would mix processes): it is skipped there with a warning.
         log_images_steps (`int`, *optional*, defaults to `0`):
-            Every this many optimizer steps, log the rollout's images to TensorBoard (when `report_to` includes
-            it); 0 disables.
+            Every this many optimizer steps, log the rollout's images (at most 16), each captioned with its prompt
+            (and its reward, or its task and step KL), to TensorBoard and Weights & Biases (those of `report_to`);
+            evaluations then log their first 16 samples too. 0 disables.
     """
 
     # Overridden TrainingArguments defaults (the paper's recipe).
@@ -148,7 +149,9 @@ class DiffusionTrainingConfig(TrainingArguments):
     log_gradient_cosine: bool = field(
         default=False, metadata={"help": "Log the cosine between the gradients of the two halves of each batch."}
     )
-    log_images_steps: int = field(default=0, metadata={"help": "Log rollout images to TensorBoard every N steps."})
+    log_images_steps: int = field(
+        default=0, metadata={"help": "Log captioned rollout images to TensorBoard / W&B every N steps (0: never)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .image_logging import ImageCollector, log_images
 from .rewards import get_reward, reward_name, to_uint8_images
 from .rollout import rollout
 
@@ -289,6 +290,7 @@ def evaluate(
     output_dir: Optional[Union[str, os.PathLike]] = None,
     save_images: bool = False,
     show_progress: bool = True,
+    on_batch: Optional[Callable[[str, list[str], torch.Tensor, dict[str, list]], None]] = None,
 ) -> EvaluationResult:
     """
     Samples `pipeline` on each task's prompts with the deterministic ODE sampler ([`sample_images`]) and scores the
@@ -320,6 +322,8 @@ def evaluate(
         output_dir (`str` or `os.PathLike`, *optional*): where to write `results.json` and `results.md`.
         save_images (`bool`, defaults to `False`): also save the images as PNG under `output_dir/<task>/`.
         show_progress (`bool`, defaults to `True`): progress bars.
+        on_batch (`Callable`, *optional*): called after each batch is scored as `on_batch(task, prompts, images,
+            scores)`, `scores` mapping each metric to the batch's values (how the trainers log evaluation images).
 
     Returns:
         [`EvaluationResult`]
@@ -370,6 +374,7 @@ def evaluate(
                     negative_prompt=negative_prompt,
                 )
                 extra = {key: value[start:stop] for key, value in image_columns.items() if key != "prompt"}
+                scores: dict[str, list] = {}
                 for name, reward in rewards[task]:
                     if hasattr(reward, "compute_metrics"):
                         batch_metrics = reward.compute_metrics(prompts, images, **extra)
@@ -380,6 +385,9 @@ def evaluate(
                             raise ValueError(f"Two rewards of task {task!r} report a metric named {metric!r}.")
                         values.setdefault(metric, []).extend(metric_values)
                         owners[metric] = reward
+                    scores.update({metric: list(metric_values) for metric, metric_values in batch_metrics.items()})
+                if on_batch is not None:
+                    on_batch(task, list(prompts), images, scores)
                 if save_images:
                     folder = os.path.join(output_dir, task)
                     os.makedirs(folder, exist_ok=True)
@@ -412,7 +420,8 @@ class EvaluationCallback(TrainerCallback):
     """
     Runs [`evaluate`] during training, every `eval_steps` optimizer steps (and at the end of training), on the main
     process only, and logs each metric as `eval/<column>` through the trainer's `log` (so every logging integration
-    sees it); tables go to `<output_dir>/evaluation/step-<n>/`.
+    sees it); tables go to `<output_dir>/evaluation/step-<n>/`. With `log_images_steps` set in the trainer's
+    arguments, its first 16 images, captioned with their prompts and scores, go to TensorBoard / W&B as `eval/images`.
 
     `pipeline` must be the pipeline being trained (its denoiser carries the trained LoRA): the images then come from
     the current weights. Other processes wait for the main one at their next collective operation.
@@ -457,18 +466,33 @@ class EvaluationCallback(TrainerCallback):
             }
         self._last_step = state.global_step
         output_dir = os.path.join(args.output_dir, "evaluation", f"step-{state.global_step}")
+        kwargs = dict(self.evaluate_kwargs)
+        collector = None
+        if getattr(args, "log_images_steps", 0):
+            # The first images, captioned with their prompts and scores, go to TensorBoard / W&B as `eval/images`.
+            collector = ImageCollector()
+            user_hook = kwargs.get("on_batch")
+
+            def on_batch(*batch):
+                collector(*batch)
+                if user_hook is not None:
+                    user_hook(*batch)
+
+            kwargs["on_batch"] = on_batch
         result = evaluate(
             self.pipeline,
             self.tasks,
             self._built_rewards,
             model_name=f"step {state.global_step}",
             output_dir=output_dir,
-            **self.evaluate_kwargs,
+            **kwargs,
         )
         self.results.append(result)
         logs = {f"eval/{label}": result.metrics[task][metric] for task, metric, label in _column_labels([result])}
         # Our trainers' `log_evaluation` keeps the pending training metrics out of this entry.
         getattr(self.trainer, "log_evaluation", self.trainer.log)(logs)
+        if collector is not None and len(collector):
+            log_images(self.trainer, "eval/images", collector.stacked(), collector.captions)
         logger.info("step %d: %s", state.global_step, logs)
 
     def _task_names(self):

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from .grpo_config import DiffusionGRPOConfig
 from .hub import FLOW_GRPO_CITATION
+from .image_logging import caption
 from .losses import grpo_loss
 from .pipelines import PromptEmbeddings
 from .scoring import RewardFuncs, RewardSet
@@ -121,6 +122,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     def _generate_and_score(self, inputs: list[dict[str, Any]]) -> _ScoredRollout:
         prompts, columns = self._split_batch(inputs)
         start = time.perf_counter()
+        self.report_phase("rollout")
         embeds = self.encode(prompts)
         # The buffer has already counted this rollout: its index is the same on every process.
         rollout_index = self._buffer.micro_step - 1
@@ -128,6 +130,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         latents = self._group_initial_noise(rollout_index, len(prompts)) if self.args.share_initial_noise else None
         trajectory = self.sample_trajectories(embeds, decode=True, sde_steps=window, latents=latents)
         rollout_time = time.perf_counter() - start
+        self.report_phase("reward")
         local_rewards = self.score(self.reward_set, prompts, trajectory.images, columns)
         reward_time = time.perf_counter() - start - rollout_time
 
@@ -149,7 +152,10 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             **self.reward_set.metrics(rewards),
             **{"timing/rollout": rollout_time, "timing/reward": reward_time},
         )
-        self._maybe_log_images(trajectory.images, prompts)
+        if self._images_due():
+            self._log_rollout_images(
+                trajectory.images, self._captions(prompts, local_rewards, local_advantages, columns)
+            )
         return _ScoredRollout(
             latents=trajectory.latents,
             log_probs=trajectory.log_probs,
@@ -158,6 +164,21 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             advantages=local_advantages.to(self.accelerator.device),
             trained_steps=[j for j in self.args.trained_step_indices if window is None or j in window],
         )
+
+    def _captions(
+        self, prompts: list[str], rewards: torch.Tensor, advantages: torch.Tensor, columns: dict
+    ) -> list[str]:
+        """Each image's prompt, its (weighted) reward and advantage, and each reward's score when there are several."""
+        total = self.reward_set.total(rewards)
+        captions = []
+        for i, prompt in enumerate(prompts):
+            details = [f"reward {total[i].item():.3f}, advantage {advantages[i].item():+.2f}"]
+            if self.reward_set.routed:
+                details.append(f"task {columns['task'][i]}")
+            elif len(self.reward_set) > 1:
+                details.append(", ".join(f"{n} {r:.3f}" for n, r in zip(self.reward_set.names, rewards[i].tolist())))
+            captions.append(caption(prompt, *details))
+        return captions
 
     def _group_initial_noise(self, rollout_index: int, local_size: int) -> torch.Tensor:
         """
@@ -192,7 +213,9 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         start = time.perf_counter()
         model.train()
-        batch, _ = self._buffer.get(lambda: self._generate_and_score(inputs), self.state.global_step)
+        batch, fresh = self._buffer.get(lambda: self._generate_and_score(inputs), self.state.global_step)
+        if not fresh:
+            self._restore_training_schedule()
         train_start = time.perf_counter()
         update = lambda rows, weight: self._policy_update(model, batch[rows], weight)  # noqa: E731
         loss = sum(self._backward_in_halves(update, len(batch)))

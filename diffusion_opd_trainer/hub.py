@@ -12,6 +12,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .lora import LORA_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
+from .quiet import quiet_lora_saving
 
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,12 @@ def save_lora(
     metadata = lora_config.to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"]) if metadata.get("target_modules") else None
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
-        pipeline_class.save_lora_weights(
-            tmp,
-            **{f"{denoiser_name}_lora_layers": state_dict, f"{denoiser_name}_lora_adapter_metadata": metadata},
-            safe_serialization=True,
-        )
+        with quiet_lora_saving():
+            pipeline_class.save_lora_weights(
+                tmp,
+                **{f"{denoiser_name}_lora_layers": state_dict, f"{denoiser_name}_lora_adapter_metadata": metadata},
+                safe_serialization=True,
+            )
         peft_weights = state_dict if peft_state_dict is None else peft_state_dict
         save_file(
             {f"base_model.model.{k}": v.contiguous() for k, v in peft_weights.items()},

@@ -12,6 +12,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .hub import DIFFUSION_OPD_CITATION, FLOW_GRPO_CITATION
+from .image_logging import caption
 from .lora import adapter_checksum
 from .losses import distillation_loss
 from .opd_config import DiffusionOPDConfig
@@ -201,6 +202,8 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
             cached, fresh = self._buffer.get(
                 lambda: self._rollout_with_teachers(prompts, tasks), self.state.global_step
             )
+            if not fresh:
+                self._restore_training_schedule()
             parts = self._backward_in_halves(
                 lambda rows, weight: self._train_on_rollout(model, cached[rows], weight), len(prompts)
             )
@@ -210,18 +213,44 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         kls = {j: torch.cat([part[1][j] for part in parts]) for j in parts[0][1]}
         self._note_nonfinite_tasks(kls, tasks)
         self._record_kl(kls, tasks)
-        if self.eval_reward_set is not None and final_latents is not None:
-            self._record_proxy_rewards(final_latents, prompts, columns)
+        # The rollout's images: decoded only to score them with the monitoring rewards or to log them.
+        images_due = final_latents is not None and self._images_due()
+        if final_latents is not None and (self.eval_reward_set is not None or images_due):
+            with torch.no_grad():
+                images = self.family.decode(final_latents)
+            rewards = None
+            if self.eval_reward_set is not None:
+                rewards = self._record_proxy_rewards(images, prompts, columns)
+            if images_due:
+                self._log_rollout_images(images, self._captions(prompts, tasks, kls, rewards))
         self._record("train", step_time=time.perf_counter() - start)
         return loss
 
     @torch.no_grad()
-    def _record_proxy_rewards(self, final_latents: torch.Tensor, prompts: list[str], columns: dict) -> None:
-        """Scores the rollout's images with `eval_reward_funcs` (monitoring only: they never enter the loss)."""
-        images = self.family.decode(final_latents)
-        rewards = self.score(self.eval_reward_set, prompts, images, columns)
-        rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+    def _record_proxy_rewards(self, images: torch.Tensor, prompts: list[str], columns: dict) -> torch.Tensor:
+        """
+        Scores the rollout's images with `eval_reward_funcs` (monitoring only: they never enter the loss); returns
+        this process's `[B]` weighted rewards.
+        """
+        self.report_phase("reward")
+        local = self.score(self.eval_reward_set, prompts, images, columns)
+        rewards = self.accelerator.gather(local.to(self.accelerator.device)).cpu()
         self._record("train", **self.eval_reward_set.metrics(rewards))
+        return self.eval_reward_set.total(local)
+
+    def _captions(
+        self, prompts: list[str], tasks: list[str], kls: dict[int, torch.Tensor], rewards: Optional[torch.Tensor]
+    ) -> list[str]:
+        """Each image's prompt, its task and step KL (the mean over trained steps), and its monitoring reward."""
+        per_sample_kl = torch.stack(list(kls.values())).mean(dim=0).tolist()
+        return [
+            caption(
+                prompt,
+                f"task {task}, step KL {kl:.4g}",
+                f"reward {rewards[i].item():.3f}" if rewards is not None else "",
+            )
+            for i, (prompt, task, kl) in enumerate(zip(prompts, tasks, per_sample_kl))
+        ]
 
     def _fused_step(self, model, embeds: PromptEmbeddings, tasks: list[str], weight: float = 1.0):
         """Roll out and train in one pass: the student's rollout forward carries the gradient (loss x `weight`)."""
@@ -266,8 +295,10 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     @torch.no_grad()
     def _rollout_with_teachers(self, prompts: list[str], tasks: list[str]) -> _CachedRollout:
         args = self.args
+        self.report_phase("rollout")
         embeds = self.encode(prompts)
         trajectory = self.sample_trajectories(embeds)
+        self.report_phase("teachers")
         means = {
             j: self.teacher_means(trajectory.latents[:, j], trajectory.timesteps[j], embeds, tasks)
             for j in args.trained_step_indices

@@ -11,17 +11,6 @@ from collections.abc import Iterable
 from typing import Optional
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -31,6 +20,22 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from .quiet import quiet_pipeline_imports
+
+
+with quiet_pipeline_imports():  # the first import of diffusers' pipeline classes
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
 
 __all__ = [

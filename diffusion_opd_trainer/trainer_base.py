@@ -25,6 +25,7 @@ from .diffusion_config import DiffusionTrainingConfig
 from .ema import LoRAEMA
 from .evaluation import EvaluationCallback, evaluate
 from .hub import save_lora, write_model_card
+from .image_logging import IMAGE_INTEGRATIONS, ImageCollector, log_images
 from .lora import (
     PEFT_WEIGHT_NAME,
     STUDENT_ADAPTER,
@@ -36,7 +37,9 @@ from .lora import (
     nonfinite_keys,
 )
 from .pipelines import PipelineFamily, PromptEmbeddings, get_family
+from .progress import StepPhaseCallback, report_phase
 from .prompt_sampler import PromptSampler, RolloutBuffer
+from .quiet import quiet_pipeline_imports
 from .rewards import reward_name
 from .rollout import Trajectory, rollout
 from .scoring import RewardError, RewardSet
@@ -126,7 +129,8 @@ class DiffusionTrainerBase(Trainer):
         if isinstance(model, (str, os.PathLike)):
             # Half precision halves memory; the LoRA parameters are upcast to float32 below for stable updates.
             dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-            model = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
+            with quiet_pipeline_imports():
+                model = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
         if not isinstance(model, DiffusionPipeline):
             raise TypeError(f"`model` must be a diffusers DiffusionPipeline or a model id/path, got {type(model)}.")
         self.pipeline = model
@@ -170,6 +174,7 @@ class DiffusionTrainerBase(Trainer):
             self.ema = LoRAEMA(lora_parameters(denoiser, STUDENT_ADAPTER), args.ema_decay, args.ema_update_interval)
         self.add_callback(_EMACallback(self))
         self.add_callback(_NonFiniteGuard(self))
+        self.add_callback(StepPhaseCallback(self))
         self._nonfinite_sources: list[str] = []  # what produced a non-finite loss since the last optimizer step
         self._nonfinite_steps = 0
         self._consecutive_nonfinite = 0
@@ -181,6 +186,14 @@ class DiffusionTrainerBase(Trainer):
                 self.callback_handler.add_callback(_TensorBoardCallback(callback.tb_writer))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffer = RolloutBuffer(args.gradient_accumulation_steps, args.num_iterations)
+        self._next_images_step = 0  # the first step whose rollout images are logged next
+        if args.log_images_steps and not set(args.report_to or []) & set(IMAGE_INTEGRATIONS):
+            logger.warning(
+                "`log_images_steps=%d` but `report_to` (%s) has neither 'tensorboard' nor 'wandb', the integrations "
+                "that take images: no image will be logged.",
+                args.log_images_steps,
+                args.report_to,
+            )
         self.rollout_generator = torch.Generator(device=self.accelerator.device)
         # Distinct noise per process: a group spread over processes must not repeat the same images.
         self.rollout_generator.manual_seed(args.seed * 1000 + self.accelerator.process_index)
@@ -254,6 +267,7 @@ class DiffusionTrainerBase(Trainer):
         total = torch.zeros((), device=self.accelerator.device)
         stats = {}
         for k, j in enumerate(steps):
+            self.report_phase(f"train {k + 1}/{len(steps)}")
             last = k == len(steps) - 1
             with self.accelerator.no_sync(model) if not last else contextlib.nullcontext():
                 loss, stats[j] = step_loss(j)
@@ -335,6 +349,15 @@ class DiffusionTrainerBase(Trainer):
         norm_second = sum(((c - b) ** 2).sum() for b, c in zip(between, after)).sqrt()
         self._record("train", grad_cosine=(dot / (norm_first * norm_second).clamp_min(1e-30)).item())
         return [first, second]
+
+    def _restore_training_schedule(self) -> None:
+        """
+        Sets the scheduler back to the training rollouts' schedule before training on a reused rollout
+        (`num_iterations > 1`): an evaluation since the rollout (its own number of steps) changed it, and the
+        transition kernel looks each stored timestep up in it.
+        """
+        height, width = self.image_size
+        self.family.set_timesteps(self.args.num_inference_steps, height, width)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -428,15 +451,26 @@ class DiffusionTrainerBase(Trainer):
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
 
-    def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
+    # ----- images and progress --------------------------------------------------------------------------------------
+    def report_phase(self, phase: str) -> None:
+        """Announces the phase the current step enters (`"rollout"`, `"reward"`, `"train 3/9"`...): see
+        [`~progress.StepPhaseCallback`]."""
+        report_phase(self, phase)
+
+    def _images_due(self) -> bool:
+        """
+        Whether the rollout now starting is to have its images logged: the first rollout at or after each multiple
+        of `log_images_steps` (one per step even with gradient accumulation, and one per period when
+        `num_iterations > 1` reuses rollouts), on the main process only.
+        """
         steps = self.args.log_images_steps
-        if not steps or (self.state.global_step % steps) or not self.is_world_process_zero():
-            return
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                grid = images[:16].detach().float().cpu()
-                callback.tb_writer.add_images("rollout/images", grid, self.state.global_step)
-                callback.tb_writer.add_text("rollout/prompts", "\n".join(prompts[:16]), self.state.global_step)
+        return bool(steps) and self.state.global_step >= self._next_images_step and self.is_world_process_zero()
+
+    def _log_rollout_images(self, images: torch.Tensor, captions: list[str]) -> None:
+        """Logs a rollout's images with their captions as `rollout/images` (see [`~image_logging.log_images`])."""
+        log_images(self, "rollout/images", images, captions)
+        steps = self.args.log_images_steps
+        self._next_images_step = (self.state.global_step // steps + 1) * steps
 
     # ----- evaluation ------------------------------------------------------------------------------------------------
     def _eval_reward_set(self) -> Optional[RewardSet]:
@@ -458,12 +492,16 @@ class DiffusionTrainerBase(Trainer):
             raise ValueError("`evaluate` needs reward functions to score the samples with.")
         args = self.args
         metrics: dict[str, float] = {}
+        collector = None
         if self.accelerator.is_main_process:
             start = time.time()
             # Per-task rewards: the harness splits the prompts by their `task` column.
             named = dict(zip(reward_set.names, reward_set.funcs))
             height, width = self.image_size
             was_training = self.model.training
+            # The first images, captioned with their prompts and scores, go to TensorBoard / W&B after the metrics.
+            if args.log_images_steps:
+                collector = ImageCollector()
             self.model.eval()
             with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
                 result = evaluate(
@@ -480,6 +518,7 @@ class DiffusionTrainerBase(Trainer):
                     seed=args.eval_seed,
                     negative_prompt=args.negative_prompt,
                     show_progress=not args.disable_tqdm,
+                    on_batch=collector,
                 )
             self.model.train(was_training)
 
@@ -500,6 +539,8 @@ class DiffusionTrainerBase(Trainer):
             metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
         metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
         self.log_evaluation(metrics)
+        if collector is not None and len(collector):
+            log_images(self, f"{metric_key_prefix}/images", collector.stacked(), collector.captions)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
@@ -556,6 +597,7 @@ class DiffusionTrainerBase(Trainer):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
             shutil.rmtree(staging, ignore_errors=True)
+            logger.info("Saved checkpoint %s", final)
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
                 self.state.save_to_json(os.path.join(final, "trainer_state.json"))
@@ -599,7 +641,8 @@ class DiffusionTrainerBase(Trainer):
         )
         Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
         self.create_model_card(output_dir=output_dir)
-        logger.info("Saved the LoRA to %s", output_dir)
+        if getattr(self, "_staging_dir", None) is None:  # a checkpoint is logged once renamed into place
+            logger.info("Saved the LoRA to %s", output_dir)
 
     def _base_model_id(self) -> Optional[str]:
         return getattr(self.pipeline, "name_or_path", None) or self.pipeline.config.get("_name_or_path")

@@ -74,8 +74,11 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, what: s
     """
     from diffusers import DiffusionPipeline
 
+    from ..quiet import quiet_pipeline_imports
+
     check_local_path(name_or_path, what)
-    return DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype)
+    with quiet_pipeline_imports():
+        return DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype)
 
 
 def check_local_path(name_or_path: str, what: str) -> None:

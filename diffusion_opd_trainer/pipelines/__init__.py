@@ -1,5 +1,6 @@
 """One small class per pipeline family; `get_family` picks the right one for a pipeline."""
 
+from ..quiet import quiet_pipeline_imports
 from .base import PipelineFamily, PromptEmbeddings
 from .flux import FluxFamily
 from .sd import SDFamily
@@ -16,7 +17,8 @@ def get_family(pipeline) -> PipelineFamily:
     Supported: `StableDiffusion3Pipeline` (SD3, SD3.5), `FluxPipeline` (Flux.1-dev, Flux.1-schnell) and
     `StableDiffusionPipeline` (SD 1.x, 2.x).
     """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    with quiet_pipeline_imports():  # the first import of each pipeline class
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if isinstance(pipeline, PipelineFamily):
         return pipeline

@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,17 +11,27 @@ from typing import Optional, Union
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from ..quiet import dropped_log_messages
+
 
 logger = logging.getLogger(__name__)
+
+# The pipelines whose prompt truncation was already warned about.
+_WARNED_TRUNCATION: "weakref.WeakSet" = weakref.WeakSet()
 
 
 @contextlib.contextmanager
 def _diffusers_warnings_silenced():
     # diffusers' `encode_prompt` warns about truncation once per batch; the family says it once per run instead.
+    # It also tokenizes each prompt untruncated to compare, and transformers then says (once per tokenizer) that the
+    # sequence "will result in indexing errors": it will not, the encoder's input is the truncated one.
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.ERROR)
     try:
-        yield
+        with dropped_log_messages(
+            "transformers.tokenization_utils_base", r"^Token indices sequence length is longer than the specified"
+        ):
+            yield
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
@@ -96,7 +107,6 @@ class PipelineFamily(ABC):
         self.pipeline = pipeline
         self._cache = _EmbeddingCache()
         self._negative_cache: dict = {}
-        self._warned_truncation = False
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -157,7 +167,8 @@ class PipelineFamily(ABC):
         return limits
 
     def _warn_truncation_once(self, prompts: list[str], max_sequence_length: Optional[int]) -> None:
-        if self._warned_truncation:
+        # Once per pipeline, not per family object: evaluations wrap the trained pipeline in families of their own.
+        if self.pipeline in _WARNED_TRUNCATION:
             return
         for name, limit in self.text_length_limits(max_sequence_length).items():
             tokenizer = getattr(self.pipeline, name)
@@ -172,7 +183,7 @@ class PipelineFamily(ABC):
                     lengths[longest],
                     prompts[longest][:80],
                 )
-                self._warned_truncation = True
+                _WARNED_TRUNCATION.add(self.pipeline)
                 return
 
     @torch.no_grad()
