@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+from peft import LoraConfig
 
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,16 @@ def check_local_path(name_or_path: str, what: str) -> None:
 
     if is_local_source(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(f"`{what}`: the pipeline folder {name_or_path!r} does not exist.")
+
+
+def student_lora_config(script_args) -> LoraConfig:
+    """The trained LoRA of a job: rank, alpha and targets from the script arguments, gaussian init (the paper's)."""
+    return LoraConfig(
+        r=script_args.lora_r,
+        lora_alpha=script_args.lora_alpha,
+        init_lora_weights="gaussian",
+        target_modules=script_args.lora_target_modules,
+    )
 
 
 def finish_training(trainer, training_args) -> None:

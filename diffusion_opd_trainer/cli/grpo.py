@@ -17,14 +17,13 @@ from typing import Optional
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 from trl import TrlParser
 
 from ..data import load_prompt_dataset
 from ..grpo_config import DiffusionGRPOConfig
 from ..grpo_trainer import DiffusionGRPOTrainer
 from ..lora import DEFAULT_TARGET_MODULES
-from ._common import check_config_argument, finish_training, load_pipeline, setup_logging
+from ._common import check_config_argument, finish_training, load_pipeline, setup_logging, student_lora_config
 
 
 logger = logging.getLogger(__name__)
@@ -127,12 +126,7 @@ def train_grpo(script_args: GRPOScriptArguments, training_args: DiffusionGRPOCon
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        peft_config=LoraConfig(
-            r=script_args.lora_r,
-            lora_alpha=script_args.lora_alpha,
-            init_lora_weights="gaussian",
-            target_modules=script_args.lora_target_modules,
-        ),
+        peft_config=student_lora_config(script_args),
     )
     finish_training(trainer, training_args)
     return trainer

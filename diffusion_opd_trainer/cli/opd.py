@@ -20,14 +20,20 @@ from typing import Optional
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from peft import LoraConfig
 from trl import TrlParser
 
 from ..data import load_prompt_dataset
 from ..lora import DEFAULT_TARGET_MODULES
 from ..opd_config import DiffusionOPDConfig
 from ..opd_trainer import DiffusionOPDTrainer
-from ._common import check_config_argument, finish_training, load_pipeline, parse_pairs, setup_logging
+from ._common import (
+    check_config_argument,
+    finish_training,
+    load_pipeline,
+    parse_pairs,
+    setup_logging,
+    student_lora_config,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -149,12 +155,7 @@ def train_opd(script_args: OPDScriptArguments, training_args: DiffusionOPDConfig
             teachers=teachers,
             args=training_args,
             train_dataset=train_dataset,
-            peft_config=LoraConfig(
-                r=script_args.lora_r,
-                lora_alpha=script_args.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=script_args.lora_target_modules,
-            ),
+            peft_config=student_lora_config(script_args),
             eval_reward_funcs=script_args.eval_reward_funcs,
         )
         finish_training(trainer, training_args)
