@@ -89,6 +89,13 @@ class _EmbeddingCache:
         self.items[key] = value
 
 
+def _tokenizer_limit(tokenizer) -> Optional[int]:
+    """The tokenizer's own maximum length; `None` without a tokenizer or with transformers' "no limit" sentinel."""
+    if tokenizer is not None and tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
+        return tokenizer.model_max_length
+    return None
+
+
 class PipelineFamily(ABC):
     """
     What the library needs to know about one family of diffusers pipelines.
@@ -102,6 +109,9 @@ class PipelineFamily(ABC):
     """
 
     denoiser_name: str = "transformer"
+    # Families with a T5 encoder: its tokenizer's component name and the pipeline's default T5 length.
+    t5_tokenizer_name: Optional[str] = None
+    default_max_sequence_length: Optional[int] = None
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -161,10 +171,19 @@ class PipelineFamily(ABC):
         """Each tokenizer of the pipeline (by component name) and the token length its encoder truncates prompts to."""
         limits = {}
         for name in ("tokenizer", "tokenizer_2"):
-            tokenizer = getattr(self.pipeline, name, None)
-            if tokenizer is not None and tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
-                limits[name] = tokenizer.model_max_length
+            limit = _tokenizer_limit(getattr(self.pipeline, name, None))
+            if limit is not None:
+                limits[name] = limit
+        if self.t5_tokenizer_name is not None and getattr(self.pipeline, self.t5_tokenizer_name, None) is not None:
+            limits[self.t5_tokenizer_name] = self.effective_max_sequence_length(max_sequence_length)
         return limits
+
+    def effective_max_sequence_length(self, max_sequence_length: Optional[int]) -> int:
+        """The T5 length: the requested one (the pipeline's default if unset), capped at the T5 tokenizer's maximum."""
+        length = self.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+        tokenizer = getattr(self.pipeline, self.t5_tokenizer_name, None) if self.t5_tokenizer_name else None
+        limit = _tokenizer_limit(tokenizer)
+        return length if limit is None else min(length, limit)
 
     def _warn_truncation_once(self, prompts: list[str], max_sequence_length: Optional[int]) -> None:
         # Once per pipeline, not per family object: evaluations wrap the trained pipeline in families of their own.

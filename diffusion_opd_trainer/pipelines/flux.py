@@ -34,6 +34,8 @@ class FluxFamily(PipelineFamily):
     """
 
     denoiser_name = "transformer"
+    t5_tokenizer_name = "tokenizer_2"
+    default_max_sequence_length = 512  # the pipeline's own
     # The default targets (the base class's attention names) hit both streams of the double-stream blocks (to_* for
     # the image tokens, add_* / to_add_out for the text tokens) and the q, k, v of the single-stream blocks, whose
     # attention output goes through `proj_out` together with the MLP: that one is in the FFN option.
@@ -61,19 +63,6 @@ class FluxFamily(PipelineFamily):
 
     def cfg_scale(self, guidance_scale: float) -> float:
         return self.true_cfg_scale  # `guidance_scale` is embedded, not CFG
-
-    def effective_max_sequence_length(self, max_sequence_length: Optional[int]) -> int:
-        """The T5 length: the requested one (default 512, the pipeline's), capped at the T5 tokenizer's maximum."""
-        length = 512 if max_sequence_length is None else max_sequence_length
-        tokenizer = self.pipeline.tokenizer_2
-        if tokenizer is not None and tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
-            length = min(length, tokenizer.model_max_length)
-        return length
-
-    def text_length_limits(self, max_sequence_length: Optional[int]) -> dict[str, int]:
-        limits = super().text_length_limits(max_sequence_length)
-        limits["tokenizer_2"] = self.effective_max_sequence_length(max_sequence_length)
-        return limits
 
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(

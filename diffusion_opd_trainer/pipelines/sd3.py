@@ -14,24 +14,12 @@ class SD3Family(PipelineFamily):
     """
 
     denoiser_name = "transformer"
+    t5_tokenizer_name = "tokenizer_3"
+    default_max_sequence_length = 256  # the pipeline's own
 
     @property
     def patch_size(self) -> int:
         return self.denoiser.config.patch_size
-
-    def effective_max_sequence_length(self, max_sequence_length: Optional[int]) -> int:
-        """The T5 length: the requested one (default 256, the pipeline's), capped at the T5 tokenizer's maximum."""
-        length = 256 if max_sequence_length is None else max_sequence_length
-        tokenizer = self.pipeline.tokenizer_3
-        if tokenizer is not None and tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
-            length = min(length, tokenizer.model_max_length)
-        return length
-
-    def text_length_limits(self, max_sequence_length: Optional[int]) -> dict[str, int]:
-        limits = super().text_length_limits(max_sequence_length)
-        if self.pipeline.tokenizer_3 is not None:
-            limits["tokenizer_3"] = self.effective_max_sequence_length(max_sequence_length)
-        return limits
 
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
