@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -88,6 +89,22 @@ def check_local_path(name_or_path: str, what: str) -> None:
 
     if is_local_source(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(f"`{what}`: the pipeline folder {name_or_path!r} does not exist.")
+
+
+def run_job(parser, job, argv: Optional[Sequence[str]] = None) -> int:
+    """
+    Parses `argv` (the command line by default) with a job's `TrlParser`, after checking that its `--config` file
+    exists (a usage error naming the file, not a traceback), then runs `job(script_args, training_args)`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_config_argument(argv)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    script_args, training_args = parser.parse_args_and_config(argv)
+    setup_logging()
+    job(script_args, training_args)
+    return 0
 
 
 def student_lora_config(script_args) -> LoraConfig:

@@ -10,7 +10,6 @@ the YAML recipe or on the command line; the command line wins. `examples/train_t
 """
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,7 +22,7 @@ from ..data import load_prompt_dataset
 from ..grpo_config import DiffusionGRPOConfig
 from ..grpo_trainer import DiffusionGRPOTrainer
 from ..lora import DEFAULT_TARGET_MODULES
-from ._common import check_config_argument, finish_training, load_pipeline, setup_logging, student_lora_config
+from ._common import finish_training, load_pipeline, run_job, student_lora_config
 
 
 logger = logging.getLogger(__name__)
@@ -143,13 +142,4 @@ def make_parser(prog: Optional[str] = None) -> TrlParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Parses `argv` (the command line by default) with [`make_parser`] and runs [`train_grpo`]."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(prog)
-    try:
-        check_config_argument(argv)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
-    script_args, training_args = parser.parse_args_and_config(argv)
-    setup_logging()
-    train_grpo(script_args, training_args)
-    return 0
+    return run_job(make_parser(prog), train_grpo, argv)

@@ -12,7 +12,6 @@ line wins. `examples/distill_sd3.py` runs the same code.
 """
 
 import logging
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,14 +25,7 @@ from ..data import load_prompt_dataset
 from ..lora import DEFAULT_TARGET_MODULES
 from ..opd_config import DiffusionOPDConfig
 from ..opd_trainer import DiffusionOPDTrainer
-from ._common import (
-    check_config_argument,
-    finish_training,
-    load_pipeline,
-    parse_pairs,
-    setup_logging,
-    student_lora_config,
-)
+from ._common import finish_training, load_pipeline, parse_pairs, run_job, student_lora_config
 
 
 logger = logging.getLogger(__name__)
@@ -174,13 +166,4 @@ def make_parser(prog: Optional[str] = None) -> TrlParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Parses `argv` (the command line by default) with [`make_parser`] and runs [`train_opd`]."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(prog)
-    try:
-        check_config_argument(argv)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
-    script_args, training_args = parser.parse_args_and_config(argv)
-    setup_logging()
-    train_opd(script_args, training_args)
-    return 0
+    return run_job(make_parser(prog), train_opd, argv)
