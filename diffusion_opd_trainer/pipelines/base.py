@@ -339,6 +339,13 @@ class PipelineFamily(ABC):
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         """Sets the scheduler's schedule as the pipeline's `__call__` would; returns the timesteps."""
 
-    @abstractmethod
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (float32)."""
+        """
+        Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (float32), as the pipelines' `AutoencoderKL` does:
+        unscale, unshift (the flow models' VAEs have a `shift_factor`; SD's has none), decode.
+        """
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -33,9 +33,3 @@ class SDFamily(PipelineFamily):
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         return self.scheduler.timesteps
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -57,10 +57,3 @@ class SD3Family(PipelineFamily):
             )
         scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
         return scheduler.timesteps
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
