@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-__all__ = ["dropped_log_messages", "quiet_pipeline_imports", "quiet_lora_saving"]
+__all__ = ["dropped_log_messages", "quiet_loading_bars", "quiet_lora_saving", "quiet_pipeline_imports"]
 
 
 class _DropMatching(logging.Filter):
@@ -53,3 +53,23 @@ def quiet_lora_saving():
     <temporary folder>` names a folder that is gone a moment later; the trainers log where the LoRA really went.
     """
     return dropped_log_messages("diffusers.loaders.lora_base", r"^Model weights saved in ")
+
+
+@contextmanager
+def quiet_loading_bars() -> Iterator[None]:
+    """
+    While inside, diffusers' and transformers' loading progress bars ("Loading pipeline components", "Loading
+    weights") are off; each library's previous setting comes back on exit. For models that load in a second (the toy
+    model, tests), where the bars are only noise in the job's output; a large checkpoint keeps its bars.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [module for module in (diffusers_logging, transformers_logging) if module.is_progress_bar_enabled()]
+    for module in libraries:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in libraries:
+            module.enable_progress_bar()

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from test_grpo import LORA, PROMPTS, grpo_args, make_pattern_reward
 from transformers import TrainerCallback
+from transformers.utils import logging as transformers_logging
 
-from diffusion_opd_trainer import DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
+from diffusion_opd_trainer import DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer, toy
 from diffusion_opd_trainer.image_logging import MAX_IMAGES, caption, image_grid
 from diffusion_opd_trainer.progress import StepPhaseCallback
 from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sd3_pipeline
@@ -292,3 +294,16 @@ def test_tiny_runs_emit_no_stray_warnings(tmp_path, teacher_dirs, method, caplog
     stray = [r for r in records if not any(re.search(allowed, r.getMessage()) for allowed in ALLOWED_LOG_WARNINGS)]
     assert not stray, "\n".join(f"{r.name}: {r.getMessage()}" for r in stray)
     assert len(records) == 1  # the truncation notice, once
+
+
+def test_toy_model_loads_without_bars_and_restores_them(capfd):
+    """The toy model loads in a second: no loading bars in the output, and each library's bar setting is restored."""
+    toy.load_pipeline()
+    assert "Loading" not in capfd.readouterr().err
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        toy.load_pipeline()
+        assert not diffusers_logging.is_progress_bar_enabled()  # a caller's own setting is kept
+    finally:
+        diffusers_logging.enable_progress_bar()

@@ -8,6 +8,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..quiet import quiet_loading_bars, quiet_pipeline_imports
+
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +55,14 @@ def load_pipeline(
         >>> image = pipe("two red circles", num_inference_steps=10, guidance_scale=3.0).images[0]  # 32x32 PIL image
         ```
     """
-    from diffusers import StableDiffusion3Pipeline
+    with quiet_pipeline_imports():  # the first import of diffusers' pipeline classes
+        from diffusers import StableDiffusion3Pipeline
 
     path = BASE_MODEL_DIR if path is None else path
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"No pipeline folder (model_index.json) at {path}.")
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
+    with quiet_loading_bars():  # it loads in a second; the bars would be most of a short job's output
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     # The model was trained with T5 sequences as long as its tokenizer's maximum (12), but `pipe(...)` pads them to
     # `max_sequence_length=256` by default: 244 padding tokens that the model never saw swamp the prompt (text reward

@@ -33,9 +33,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+from ..quiet import quiet_pipeline_imports
 from ..testing import (
     build_clip_tokenizer,
     build_t5_tokenizer,
@@ -47,6 +48,10 @@ from ..testing import (
 from .model import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SHIFT, evaluate_pipeline
 from .render import DEFAULT_RESOLUTION, render_spec
 from .world import TASKS, VOCABULARY, caption, specs
+
+
+with quiet_pipeline_imports():  # the first import of diffusers' pipeline classes
+    from diffusers import StableDiffusion3Pipeline
 
 
 logger = logging.getLogger(__name__)
