@@ -1,5 +1,6 @@
 """Fields shared by the GRPO and OPD configs: sampling, kernel, trained timesteps, rollout reuse, EMA."""
 
+import json
 import math
 from dataclasses import dataclass, field
 from numbers import Real
@@ -21,6 +22,25 @@ def check_number(name: str, value, minimum: Optional[float] = None, strict: bool
         raise ValueError(f"`{name}` must be finite, got {value}.")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"`{name}` must be {'>' if strict else '>='} {minimum}, got {value}.")
+
+
+def parse_teacher_guidance_scales(value) -> Optional[dict]:
+    """
+    The `teacher_guidance_scales` setting as a dict (task -> CFG scale), from a dict or its JSON text (the command
+    line's form); raises `ValueError` naming the field for bad JSON, a non-dict, or a scale that is not a number >= 0.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`teacher_guidance_scales` is not valid JSON: {error}.") from None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("`teacher_guidance_scales` must map task names to CFG scales.")
+    for task, scale in value.items():
+        check_number(f"teacher_guidance_scales[{task!r}]", scale, 0)
+    return value
 
 
 @dataclass

@@ -2,11 +2,11 @@
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .diffusion_config import DiffusionTrainingConfig, check_number
+from .diffusion_config import DiffusionTrainingConfig, check_number, parse_teacher_guidance_scales
 
 
 SCALE_REWARDS = ("batch", "group", "none")
@@ -63,6 +63,19 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
             of a group's reward spread comes from the starting point, which no trained transition chose, and enters
             the advantages as noise. Strongest with `sde_window_size`.
 
+        > Distillation beside the reward (hybrid GRPO + OPD)
+
+        opd_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the step KL to each prompt's teacher (the trainer's `teachers`, in the same forms as
+            [`DiffusionOPDTrainer`]'s) added to the GRPO loss of every trained step: `loss = GRPO + beta * KL(policy ||
+            base) + opd_coef * KL(policy || teacher)`, both KLs between the Gaussian transitions of the same kernel
+            (the rollout's `noise_level`) from the stored state, scaled by `kl_scaling`. The reward says what to
+            reach; the teacher's KL gives a dense per-step direction toward a policy that already reaches it. 0 is
+            plain GRPO to the bit (the teachers are then loaded but never run).
+        teacher_guidance_scales (`dict[str, float]` or JSON `str`, *optional*):
+            CFG scale of each task's teacher, as in [`DiffusionOPDConfig`]. Teachers not listed use their source's own
+            scale, else `guidance_scale`.
+
         > SDE window (Flow-GRPO-Fast / MixGRPO)
 
         sde_window_size (`int`, *optional*):
@@ -94,6 +107,12 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
     share_initial_noise: bool = field(
         default=False, metadata={"help": "Every image of a group starts from the same initial noise (DanceGRPO)."}
     )
+    opd_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the step KL to each prompt's teacher (needs `teachers`); 0: GRPO."}
+    )
+    teacher_guidance_scales: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Per-task teacher CFG scale, e.g. '{\"ocr\": 1.0}'."}
+    )
     sde_window_size: Optional[int] = field(
         default=None, metadata={"help": "Consecutive SDE (and trained) steps; the ODE elsewhere. None: all SDE."}
     )
@@ -117,6 +136,8 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
                 f"{self.num_generations // math.gcd(self.num_generations, self.world_size)}."
             )
         check_number("beta", self.beta, 0)
+        check_number("opd_coef", self.opd_coef, 0)
+        self.teacher_guidance_scales = parse_teacher_guidance_scales(self.teacher_guidance_scales)
         check_number("adv_clip_max", self.adv_clip_max, 0, strict=True)
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"`scale_rewards` must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.")

@@ -21,6 +21,8 @@ from .scoring import RewardFuncs, RewardSet
 from .sde import sde_step
 from .stat_tracking import PerPromptStatTracker
 from .targets import group_advantages, reference_means
+from .teacher_support import TeacherSupport
+from .teachers import TeacherSource
 from .trainer_base import DiffusionTrainerBase
 
 
@@ -37,6 +39,7 @@ class _ScoredRollout:
     prompt_embeds: PromptEmbeddings
     advantages: torch.Tensor  # [B]
     trained_steps: list[int]  # the trained steps that used the SDE (all trained steps without a window)
+    tasks: list[Optional[str]]  # each row's teacher (the hybrid; None without teachers)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -49,10 +52,11 @@ class _ScoredRollout:
             prompt_embeds=self.prompt_embeds[rows],
             advantages=self.advantages[rows],
             trained_steps=self.trained_steps,
+            tasks=self.tasks[rows],
         )
 
 
-class DiffusionGRPOTrainer(DiffusionTrainerBase):
+class DiffusionGRPOTrainer(TeacherSupport, DiffusionTrainerBase):
     """
     Trainer for Group Relative Policy Optimization on a diffusion pipeline, with Flow-GRPO's SDE sampler.
 
@@ -61,6 +65,10 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
     recompute the log-probability of the stored transition under the current policy and minimise the clipped
     surrogate `max(-A * ratio, -A * clip(ratio, 1 - epsilon, 1 + epsilon))` plus `beta` times the KL to the base
     model (the same denoiser with its LoRA disabled), one backward per timestep.
+
+    With `teachers` and `args.opd_coef > 0` (the hybrid), each trained step's loss also has `opd_coef` times the step
+    KL between the policy's transition and the prompt's teacher's from the same state (on-policy distillation's
+    loss, beside the reward).
 
     Args:
         model (`DiffusionPipeline` or `str`):
@@ -80,6 +88,9 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             The LoRA to train. Defaults to rank 32, alpha 64, gaussian init on the attention projections.
         callbacks (`list[TrainerCallback]`, *optional*), optimizers (`tuple`, *optional*):
             As for `transformers.Trainer`.
+        teachers (`dict[str, source]`, *optional*):
+            The hybrid's teachers: task -> teacher LoRA, in the same forms as [`DiffusionOPDTrainer`]'s (with more
+            than one, the datasets need a `task` column). Used when `args.opd_coef > 0`.
     """
 
     _tag_names = ["grpo", "flow-grpo", "reinforcement-learning"]
@@ -98,9 +109,11 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         peft_config: Optional[LoraConfig] = None,
         callbacks: Optional[list[TrainerCallback]] = None,
         optimizers: tuple = (None, None),
+        teachers: Optional[dict[str, TeacherSource]] = None,
     ):
         args = self._resolve_args(model, args)
         self._check_datasets(train_dataset, eval_dataset)
+        self._check_hybrid(args, teachers, train_dataset, eval_dataset)
         self.reward_set = RewardSet(reward_funcs, args.reward_weights)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if self.reward_set.routed and dataset is not None:
@@ -109,6 +122,27 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
                 self.reward_set.check_tasks(set(dataset["task"]), f"`{name}`")
         super().__init__(model, args, train_dataset, eval_dataset, peft_config, callbacks, optimizers)
         self.stat_tracker = PerPromptStatTracker(args.stat_tracking_buffer_size)
+
+    def _check_hybrid(self, args: DiffusionGRPOConfig, teachers, train_dataset, eval_dataset) -> None:
+        """The hybrid's settings: teachers exactly when `opd_coef > 0` (a warning for unused teachers)."""
+        if teachers is None:
+            if args.opd_coef > 0:
+                raise ValueError(
+                    f"`opd_coef` is {args.opd_coef} but no `teachers` were given: pass "
+                    "`teachers={task: teacher LoRA}` to the trainer, or set `opd_coef=0` for plain GRPO."
+                )
+            if args.teacher_guidance_scales:
+                raise ValueError("`teacher_guidance_scales` is set but no `teachers` were given to the trainer.")
+            return
+        if args.opd_coef == 0:
+            logger.warning(
+                "`teachers` were given but `opd_coef=0`: they are loaded and checked but never run; the loss is plain "
+                "GRPO. Set `opd_coef` > 0 to add the KL to each prompt's teacher."
+            )
+        self.accept_teacher_sources(teachers, {"train_dataset": train_dataset, "eval_dataset": eval_dataset})
+
+    def _prepare_before_trainer_init(self, args: DiffusionGRPOConfig) -> None:
+        self.load_teacher_adapters(args)
 
     # ----- data ------------------------------------------------------------------------------------------------------
     def _sampler_options(self, dataset) -> dict[str, Any]:
@@ -163,6 +197,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             prompt_embeds=embeds,
             advantages=local_advantages.to(self.accelerator.device),
             trained_steps=[j for j in self.args.trained_step_indices if window is None or j in window],
+            tasks=self.teacher_tasks(columns, len(prompts)) if self.teachers else [None] * len(prompts),
         )
 
     def _captions(
@@ -224,8 +259,12 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
         return loss
 
     def _policy_update(self, model, batch: _ScoredRollout, weight: float = 1.0) -> torch.Tensor:
-        """Backpropagates the clipped surrogate (plus `beta` KL) of each trained step, scaled by `weight`."""
+        """
+        Backpropagates the clipped surrogate (plus `beta` times the KL to the base model, plus `opd_coef` times the KL
+        to the teacher) of each trained step, scaled by `weight`.
+        """
         args = self.args
+        hybrid = bool(self.teachers) and args.opd_coef > 0
 
         def step_loss(j: int):
             x, x_next, t = batch.latents[:, j], batch.latents[:, j + 1], batch.timesteps[j]
@@ -240,6 +279,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
                     noise_level=args.noise_level,
                     autocast=self.compute_loss_context_manager,
                 )
+            teacher_mean = self.teacher_means(x, t, batch.prompt_embeds, batch.tasks) if hybrid else None
             with self.compute_loss_context_manager():
                 v = self.family.predict(x, t, batch.prompt_embeds, args.guidance_scale, denoiser=model)
             step = sde_step(self.family.scheduler, v, t, x, noise_level=args.noise_level, prev_sample=x_next)
@@ -251,6 +291,8 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
                 beta=args.beta,
                 reference_mean=reference_mean,
                 kl_scaling=args.kl_scaling,
+                opd_coef=args.opd_coef,
+                teacher_mean=teacher_mean,
             )
 
         loss, stats = self.train_on_steps(model, batch.trained_steps, step_loss, weight)
@@ -262,7 +304,7 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
 
     def _model_card_sections(self) -> list[str]:
         args = self.args
-        return [
+        sections = [
             "## Training",
             f"Rewards: {', '.join(self.reward_set.names)}"
             + (" (each prompt scored by its task's reward)" if self.reward_set.routed else "")
@@ -270,3 +312,11 @@ class DiffusionGRPOTrainer(DiffusionTrainerBase):
             f"{args.noise_level}, CFG {args.guidance_scale}, beta {args.beta} ({args.kl_scaling} KL scaling), clip "
             f"range {args.epsilon}, learning rate {args.learning_rate}.",
         ]
+        if self.teachers and args.opd_coef > 0:
+            sections += [
+                "## Teachers (hybrid GRPO + on-policy distillation)",
+                f"Each trained step also minimised `opd_coef` ({args.opd_coef}) times the step KL to its prompt's "
+                "teacher, from the same state with the same kernel:",
+                self.teacher_table(),
+            ]
+        return sections

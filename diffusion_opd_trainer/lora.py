@@ -359,15 +359,21 @@ def load_adapter(
     """Adds a frozen adapter named `adapter_name` to the denoiser and loads `state_dict` into it."""
     check_lora_keys(denoiser, state_dict, source)
     trainable = [(p, p.requires_grad) for p in denoiser.parameters()]
-    active = [(layer, list(layer.active_adapters)) for layer in _tuner_layers(denoiser)]
+    layers = _tuner_layers(denoiser)
+    active = {id(layer): list(layer.active_adapters) for layer in layers}
+    # What the denoiser ran before (the student); nothing when no adapter existed yet.
+    running = list(layers[0].active_adapters) if layers else []
     with warnings.catch_warnings():
         # Several adapters on one denoiser is the design here (student and teachers), not the accident PEFT warns of.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         denoiser.add_adapter(config, adapter_name=adapter_name)
     load_adapter_weights(denoiser, state_dict, adapter_name, f"LoRA {source}")
     # `add_adapter` activates the new adapter and marks it trainable: restore the previous state, keep it frozen.
-    for layer, names in active:
-        layer.set_adapter(names)
+    # Modules that only the new adapter targets got new LoRA layers with the new adapter active: they must run what
+    # the rest of the denoiser runs (the student, absent there, so the base weights), or a teacher would leak into
+    # every forward of the student on those modules.
+    for layer in _tuner_layers(denoiser):
+        layer.set_adapter(active.get(id(layer), running))
     for parameter, flag in trainable:
         parameter.requires_grad_(flag)
     for parameter in lora_parameters(denoiser, adapter_name).values():

@@ -70,10 +70,13 @@ def grpo_loss(
     beta: float = 0.0,
     reference_mean: Optional[torch.Tensor] = None,
     kl_scaling: str = "sigma",
+    opd_coef: float = 0.0,
+    teacher_mean: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """
     GRPO's loss of one trained step: the clipped surrogate of the recomputed policy ratio, plus `beta` times the step
-    KL to the reference model when its mean is given.
+    KL to the reference model when its mean is given, plus `opd_coef` times the step KL to the teacher when its mean
+    is given (the hybrid: the same term as on-policy distillation's `analytic` loss).
 
     Args:
         transition ([`~sde.TransitionOutput`]): the step under the current policy, scoring the stored next state.
@@ -82,11 +85,13 @@ def grpo_loss(
         epsilon (`float`): the clip range of the ratio.
         beta (`float`, defaults to 0): the KL coefficient.
         reference_mean (`torch.Tensor`, *optional*): the reference model's transition mean from the same state.
-        kl_scaling (`str`, defaults to `"sigma"`): see [`scale_kl`].
+        kl_scaling (`str`, defaults to `"sigma"`): see [`scale_kl`]; applies to both KLs.
+        opd_coef (`float`, defaults to 0): the weight of the KL to the teacher.
+        teacher_mean (`torch.Tensor`, *optional*): each sample's teacher transition mean from the same state.
 
     Returns:
-        `(loss, stats)`: the scalar loss and detached statistics: `policy_loss`, `ratio` and `clip_ratio` (scalars)
-        and `kl` (the batch mean) when a reference mean is given.
+        `(loss, stats)`: the scalar loss and detached statistics: `policy_loss`, `ratio` and `clip_ratio` (scalars),
+        `kl` (the batch mean) when a reference mean is given and `teacher_kl` when a teacher mean is given.
     """
     ratio = torch.exp(transition.log_prob - old_log_prob)
     policy_loss = clipped_surrogate(advantages, ratio, epsilon).mean()
@@ -100,6 +105,10 @@ def grpo_loss(
         kl = scale_kl(step_kl(transition.mean, reference_mean, transition.std), transition, kl_scaling).mean()
         loss = loss + beta * kl
         stats["kl"] = kl.detach()
+    if teacher_mean is not None:
+        teacher_kl = scale_kl(step_kl(transition.mean, teacher_mean, transition.std), transition, kl_scaling).mean()
+        loss = loss + opd_coef * teacher_kl
+        stats["teacher_kl"] = teacher_kl.detach()
     return loss, stats
 
 

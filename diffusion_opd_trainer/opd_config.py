@@ -1,10 +1,9 @@
 """Configuration of [`DiffusionOPDTrainer`]."""
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .diffusion_config import DiffusionTrainingConfig, check_number
+from .diffusion_config import DiffusionTrainingConfig, parse_teacher_guidance_scales
 from .losses import LOSS_TYPES
 
 
@@ -74,16 +73,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                 "`rollout_schedule='fused'` trains while rolling out, so a rollout cannot be reused: it needs "
                 f"num_iterations=1 (got {self.num_iterations}). Use 'two_pass' or 'auto'."
             )
-        if isinstance(self.teacher_guidance_scales, str):
-            try:
-                self.teacher_guidance_scales = json.loads(self.teacher_guidance_scales)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"`teacher_guidance_scales` is not valid JSON: {error}.") from None
-        if self.teacher_guidance_scales is not None:
-            if not isinstance(self.teacher_guidance_scales, dict):
-                raise ValueError("`teacher_guidance_scales` must map task names to CFG scales.")
-            for task, scale in self.teacher_guidance_scales.items():
-                check_number(f"teacher_guidance_scales[{task!r}]", scale, 0)
+        self.teacher_guidance_scales = parse_teacher_guidance_scales(self.teacher_guidance_scales)
 
     def _stochastic_loss(self) -> Optional[str]:
         if self.loss_type in ("policy_gradient", "score_function"):

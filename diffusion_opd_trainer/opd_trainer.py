@@ -13,14 +13,13 @@ from transformers import TrainerCallback
 
 from .hub import DIFFUSION_OPD_CITATION, FLOW_GRPO_CITATION
 from .image_logging import caption
-from .lora import adapter_checksum
 from .losses import distillation_loss
 from .opd_config import DiffusionOPDConfig
 from .pipelines import PromptEmbeddings
 from .scoring import RewardFuncs, RewardSet
 from .sde import TransitionOutput, sde_step
-from .targets import teacher_means
-from .teachers import Teacher, TeacherSource, check_local_sources, load_teachers
+from .teacher_support import TeacherSupport
+from .teachers import TeacherSource
 from .trainer_base import DiffusionTrainerBase
 
 
@@ -49,7 +48,7 @@ class _CachedRollout:
         )
 
 
-class DiffusionOPDTrainer(DiffusionTrainerBase):
+class DiffusionOPDTrainer(TeacherSupport, DiffusionTrainerBase):
     """
     Trainer for multi-teacher on-policy distillation: one student LoRA pulled toward each task's teacher LoRA on the
     student's own denoising trajectories.
@@ -102,42 +101,13 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     ):
         args = self._resolve_args(model, args)
         self._check_datasets(train_dataset, eval_dataset)
-        if not isinstance(teachers, dict) or not teachers:
-            raise ValueError("`teachers` must be a non-empty dict mapping each task to its teacher LoRA.")
         # Cheap checks first, before any model is loaded: missing local paths and tasks without a teacher.
-        check_local_sources(teachers)
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            self._check_tasks(dataset, teachers, name)
-        self.teacher_sources = teachers
+        self.accept_teacher_sources(teachers, {"train_dataset": train_dataset, "eval_dataset": eval_dataset})
         self.eval_reward_set = RewardSet(eval_reward_funcs) if eval_reward_funcs is not None else None
         super().__init__(model, args, train_dataset, eval_dataset, peft_config, callbacks, optimizers)
 
-    @staticmethod
-    def _check_tasks(dataset, teachers: dict, name: str) -> None:
-        if dataset is None:
-            return
-        if "task" in dataset.column_names:
-            missing = sorted(set(dataset["task"]) - set(teachers))
-            if missing:
-                raise ValueError(
-                    f"`{name}` has task(s) {missing} with no teacher; teachers are given for {sorted(teachers)}."
-                )
-        elif len(teachers) > 1:
-            raise ValueError(
-                f"`{name}` needs a `task` column to route each prompt to one of the {len(teachers)} teachers "
-                f"{sorted(teachers)}."
-            )
-
     def _prepare_before_trainer_init(self, args: DiffusionOPDConfig) -> None:
-        self.teachers: dict[str, Teacher] = load_teachers(
-            self.family.denoiser,
-            self.teacher_sources,
-            self.family.denoiser_name,
-            base_model=self._base_model_id(),
-            guidance_overrides=args.teacher_guidance_scales,
-            token=args.hub_token,
-        )
-        self._single_task = next(iter(self.teachers)) if len(self.teachers) == 1 else None
+        self.load_teacher_adapters(args)
 
     # ----- data ------------------------------------------------------------------------------------------------------
     def _sampler_options(self, dataset) -> dict[str, Any]:
@@ -147,31 +117,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
     def _eval_reward_set(self) -> Optional[RewardSet]:
         return self.eval_reward_set
 
-    def _tasks_of(self, columns: dict, batch_size: int) -> list[str]:
-        if "task" in columns:
-            return list(columns["task"])
-        return [self._single_task] * batch_size
-
-    # ----- teachers and the per-step loss ----------------------------------------------------------------------------
-    def teacher_guidance_scale(self, teacher: Teacher) -> float:
-        return teacher.guidance_scale if teacher.guidance_scale is not None else self.args.guidance_scale
-
-    def teacher_means(
-        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeddings, tasks: list[str]
-    ) -> torch.Tensor:
-        """Each sample's teacher transition mean from state `x` at timestep `t`, with the student's kernel."""
-        return teacher_means(
-            self.family,
-            self.teachers,
-            x,
-            t,
-            embeds,
-            tasks,
-            guidance_scales={task: self.teacher_guidance_scale(teacher) for task, teacher in self.teachers.items()},
-            noise_level=self.args.noise_level,
-            autocast=self.compute_loss_context_manager,
-        )
-
+    # ----- the per-step loss -----------------------------------------------------------------------------------------
     def step_loss(
         self, step: TransitionOutput, teacher_mean: torch.Tensor, old_log_prob: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +137,7 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         start = time.perf_counter()
         model.train()
         prompts, columns = self._split_batch(inputs)
-        tasks = self._tasks_of(columns, len(prompts))
+        tasks = self.teacher_tasks(columns, len(prompts))
         if self.args.fused:
             embeds = self.encode(prompts)
             parts = self._backward_in_halves(
@@ -340,23 +286,13 @@ class DiffusionOPDTrainer(DiffusionTrainerBase):
         if self.args.log_per_step_kl:
             self._record_across_processes("train", **{f"kl/step_{j}": kl.mean() for j, kl in kls.items()})
 
-    # ----- checks and model card -------------------------------------------------------------------------------------
-    def teachers_unchanged(self) -> dict[str, bool]:
-        """Whether each teacher's weights still match their checksum at load time."""
-        return {
-            task: adapter_checksum(self.unwrapped_denoiser, teacher.adapter_name) == teacher.checksum
-            for task, teacher in self.teachers.items()
-        }
-
+    # ----- model card ------------------------------------------------------------------------------------------------
     def _model_card_sections(self) -> list[str]:
         args = self.args
-        rows = ["| task | teacher | teacher CFG |", "|---|---|---|"]
-        for task, teacher in self.teachers.items():
-            rows.append(f"| {task} | `{teacher.source}` | {self.teacher_guidance_scale(teacher)} |")
         kernel = "ODE, mean matching" if args.noise_level == 0 else f"SDE at noise level {args.noise_level}, exact KL"
         return [
             "## Teachers",
-            "\n".join(rows),
+            self.teacher_table(),
             "## Training",
             f"Student rollouts of {args.num_inference_steps} steps ({kernel}, {args.kl_scaling} scaling, loss "
             f"`{args.loss_type}`), trained on steps {args.trained_step_indices}, CFG {args.guidance_scale}, "

@@ -296,7 +296,7 @@ def test_memory_levers_and_tensorboard_images(tmp_path):
         max_steps=1,
         bf16=True,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=True,
+        activation_checkpointing=True,  # transformers 5 name of gradient_checkpointing
         report_to=["tensorboard"],
         log_images_steps=1,
         beta=0.04,

@@ -136,6 +136,35 @@ def test_the_right_teacher_is_used_for_each_prompt(tmp_path, teacher_dirs):
         torch.testing.assert_close(means[rows], expected[rows], rtol=1e-4, atol=1e-5)
 
 
+def test_a_teacher_on_more_modules_than_the_student_does_not_leak_into_the_student(tmp_path, teacher_dirs):
+    """
+    The teachers' LoRAs cover modules the student's does not (`add_*_proj`, `to_add_out`): PEFT gives those modules
+    new LoRA layers running the teacher. The student's forward must stay its own there (the base weights).
+    """
+    trainer = DiffusionOPDTrainer(
+        tiny_sd3_pipeline(),
+        teachers={"a": str(teacher_dirs[0]), "b": str(teacher_dirs[1])},
+        args=opd_args(tmp_path),
+        train_dataset=two_task_dataset(),
+        peft_config=LoraConfig(**{**LORA, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}),
+    )
+    student_modules = {n.split(".lora_A")[0] for n, _ in trainer.model.named_parameters() if ".lora_A.default" in n}
+    teacher_modules = {n.split(".lora_A")[0] for n, _ in trainer.model.named_parameters() if ".lora_A.teacher_a" in n}
+    assert teacher_modules - student_modules  # the case under test
+    family = trainer.family
+    embeds = trainer.encode(PROMPTS)
+    family.set_timesteps(4, 32, 32)
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = family.scheduler.timesteps[1]
+    with torch.no_grad():
+        student = family.predict(x, t, embeds, 1.0)
+    base = get_family(tiny_sd3_pipeline())
+    base.set_timesteps(4, 32, 32)
+    with torch.no_grad():
+        expected = base.predict(x, t, base.encode_prompts(PROMPTS), 1.0)
+    torch.testing.assert_close(student, expected)  # a fresh student LoRA (B = 0) is the base model
+
+
 @pytest.mark.parametrize("loss_type", ["analytic", "policy_gradient"])
 def test_sde_trains(tmp_path, teacher_dirs, loss_type):
     peft_dir, _ = teacher_dirs

@@ -22,7 +22,7 @@ from ..data import load_prompt_dataset
 from ..grpo_config import DiffusionGRPOConfig
 from ..grpo_trainer import DiffusionGRPOTrainer
 from ..lora import DEFAULT_TARGET_MODULES
-from ._common import finish_training, load_pipeline, run_job, student_lora_config
+from ._common import finish_training, load_pipeline, parse_pairs, run_job, student_lora_config
 
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class GRPOScriptArguments:
         eval_dataset_name (`str`, *optional*): evaluation prompts, same forms.
         lora_r (`int`, defaults to 32), lora_alpha (`int`, defaults to 64), lora_target_modules (`list[str]`): the LoRA
             (the paper: 32 / 64, on the attention projections).
+        teachers (`list[str]`, *optional*): the hybrid's teachers (with `opd_coef` > 0) as `task=source` pairs,
+            as `diffusion-opd opd` takes them.
         tiny (`bool`, defaults to `False`): run offline on a tiny random SD3 pipeline with built-in prompts (smoke
             test, no download).
     """
@@ -70,6 +72,13 @@ class GRPOScriptArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES["transformer"]),
         metadata={"help": "Denoiser modules that get the LoRA (default: the attention projections)."},
+    )
+    teachers: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "The hybrid's teachers (used with `opd_coef` > 0) as task=source pairs, in the forms of "
+            "`diffusion-opd opd --teachers`."
+        },
     )
     tiny: bool = field(default=False, metadata={"help": "Offline smoke run on a tiny random SD3 pipeline."})
 
@@ -126,6 +135,7 @@ def train_grpo(script_args: GRPOScriptArguments, training_args: DiffusionGRPOCon
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         peft_config=student_lora_config(script_args),
+        teachers=parse_pairs(script_args.teachers, "teachers") or None,
     )
     finish_training(trainer, training_args)
     return trainer
