@@ -112,6 +112,21 @@ def test_training_command_with_overrides(capsys, tmp_path, command, config):
     assert (lora_config.r, lora_config.lora_alpha) == (4, 16)
 
 
+def test_grpo_command_runs_the_hybrid(capsys, tmp_path):
+    """`diffusion-opd grpo --teachers task=source --opd_coef C`: the reward plus the KL to the teacher."""
+    from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
+
+    teacher = save_random_lora(tiny_sd3_pipeline(), tmp_path / "teacher", "peft", std=0.3)
+    output_dir = tmp_path / "out"
+    argv = ["grpo", "--config", str(CONFIGS / "grpo_tiny.yaml"), "--output_dir", str(output_dir), "--max_steps", "1"]
+    argv += ["--teachers", f"shapes={teacher}", "--opd_coef", "0.5", "--noise_level", "0.7", "--disable_tqdm", "true"]
+    status, out, _ = run_main(argv, capsys)
+    assert status == 0
+    assert "'teacher_kl'" in out  # the Trainer's printed log line
+    assert json.loads((output_dir / "training_args.json").read_text())["opd_coef"] == 0.5
+    assert "opd_coef" in (output_dir / "README.md").read_text()
+
+
 def test_eval_on_the_toy_model(capsys, tmp_path):
     """The toy model and a LoRA on the toy world's three tasks: a two-row table (Markdown, JSON), rewards in [0, 1]."""
     from diffusion_opd_trainer import toy
