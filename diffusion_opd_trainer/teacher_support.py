@@ -13,6 +13,7 @@ import torch
 
 from .lora import adapter_checksum
 from .pipelines import PromptEmbeddings
+from .preflight import check_scheduler_grids, check_teacher_targets, check_teachers_frozen
 from .targets import teacher_means
 from .teachers import Teacher, TeacherSource, check_local_sources, load_teachers
 
@@ -48,11 +49,16 @@ class TeacherSupport:
     `DiffusionTrainerBase.__init__` (cheap checks, nothing loaded) and [`load_teacher_adapters`] from its
     `_prepare_before_trainer_init` hook (after the student adapter exists, before the optimizer is built); its
     config provides `noise_level`, `guidance_scale`, `teacher_guidance_scales` and `hub_token`.
+
+    Before the first step (when the optimizer is built) the preflight checks run: the teachers' sampling grid and
+    their frozen state; the first micro-batch's teacher means are checked when computed; and every save first
+    verifies that no teacher changed (see [`~preflight`]).
     """
 
     teacher_sources: Optional[dict[str, TeacherSource]] = None  # set by `accept_teacher_sources`
     teachers: dict[str, Teacher]  # set by `load_teacher_adapters` (empty without teachers)
     _single_task: Optional[str] = None
+    _teacher_targets_checked = False
 
     def accept_teacher_sources(self, teachers: dict[str, TeacherSource], datasets: dict) -> None:
         """
@@ -95,7 +101,7 @@ class TeacherSupport:
         self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeddings, tasks: list[str]
     ) -> torch.Tensor:
         """Each sample's teacher transition mean from state `x` at timestep `t`, with the student's kernel."""
-        return teacher_means(
+        means = teacher_means(
             self.family,
             self.teachers,
             x,
@@ -106,6 +112,26 @@ class TeacherSupport:
             noise_level=self.args.noise_level,
             autocast=self.compute_loss_context_manager,
         )
+        if not self._teacher_targets_checked:
+            check_teacher_targets(means, x, tasks, self.teachers)
+            self._teacher_targets_checked = True
+        return means
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.teachers:
+            args = self.args
+            check_scheduler_grids(self.family, self.teachers, args.num_inference_steps, *self.image_size)
+            check_teachers_frozen(self.unwrapped_denoiser, self.teachers, optimizer)
+        return optimizer
+
+    def _check_before_save(self) -> None:
+        changed = sorted(task for task, same in self.teachers_unchanged().items() if not same)
+        if changed:
+            raise RuntimeError(
+                f"Teacher(s) {changed} changed since they were loaded (their weights' checksum differs): refusing to "
+                "save a student trained against moving targets. Earlier checkpoints are left as they were."
+            )
 
     def teachers_unchanged(self) -> dict[str, bool]:
         """Whether each teacher's weights still match their checksum at load time."""

@@ -614,6 +614,7 @@ class DiffusionTrainerBase(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
+        self._check_before_save()
         denoiser = self.unwrapped_denoiser
         trained = adapter_state_dict(denoiser, STUDENT_ADAPTER)
         deliverable = trained
@@ -640,9 +641,14 @@ class DiffusionTrainerBase(Trainer):
             peft_state_dict=trained,
         )
         Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+        # The sampler the LoRA was trained with: a distillation from it checks its grid against the student's.
+        self.family.scheduler.save_config(output_dir)
         self.create_model_card(output_dir=output_dir)
         if getattr(self, "_staging_dir", None) is None:  # a checkpoint is logged once renamed into place
             logger.info("Saved the LoRA to %s", output_dir)
+
+    def _check_before_save(self) -> None:
+        """Subclass hook: raise before anything is written when the run must not be saved (a teacher changed)."""
 
     def _base_model_id(self) -> Optional[str]:
         return getattr(self.pipeline, "name_or_path", None) or self.pipeline.config.get("_name_or_path")
