@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .diffusion_config import DiffusionTrainingConfig, parse_teacher_guidance_scales
+from .diffusion_config import DiffusionTrainingConfig, check_number, parse_teacher_guidance_scales
 from .losses import LOSS_TYPES
 
 
@@ -45,7 +45,14 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             `"fused"`: one pass per step, the student's rollout forward also carrying the gradient (student forward
             with grad, teacher forward without, backward, advance with the detached next state), so no separate no-grad
             rollout is paid. `"two_pass"`: roll out without grad, cache the teachers' means, then train on the cached
-            states (needed when a rollout is reused, `num_iterations > 1`). `"auto"`: fused when on-policy.
+            states (needed when a rollout is reused, `num_iterations > 1`, or with `teacher_rollout_fraction`).
+            `"auto"`: fused when on-policy and the student samples every trajectory.
+        teacher_rollout_fraction (`float`, *optional*, defaults to `0.0`):
+            Fraction of each micro-batch's trajectories sampled by the prompt's teacher (with its CFG scale) instead
+            of the student, as GKD mixes rollout sources for language models; the student is trained on those
+            states with the same per-step loss. Each trajectory is the teacher's with this probability (drawn from the
+            seed and the rollout index). 0 is on-policy distillation; 1 trains on teacher states only. Needs the
+            two-pass schedule and the `analytic` loss (the policy-gradient estimators assume the student sampled).
         log_per_step_kl (`bool`, *optional*, defaults to `False`):
             Also log the KL of every trained step as `kl/step_<j>`.
     """
@@ -58,6 +65,9 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     )
     task_mixing: str = field(default="mixed", metadata={"help": "'mixed' batches or 'round_robin' by task."})
     rollout_schedule: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'two_pass'."})
+    teacher_rollout_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of trajectories sampled by the prompt's teacher (0: on-policy)."}
+    )
     log_per_step_kl: bool = field(default=False, metadata={"help": "Log the KL of each trained step."})
 
     def __post_init__(self):
@@ -74,6 +84,20 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                 f"num_iterations=1 (got {self.num_iterations}). Use 'two_pass' or 'auto'."
             )
         self.teacher_guidance_scales = parse_teacher_guidance_scales(self.teacher_guidance_scales)
+        check_number("teacher_rollout_fraction", self.teacher_rollout_fraction, 0)
+        if self.teacher_rollout_fraction > 1:
+            raise ValueError(f"`teacher_rollout_fraction` must be <= 1, got {self.teacher_rollout_fraction}.")
+        if self.teacher_rollout_fraction > 0:
+            if self.loss_type != "analytic":
+                raise ValueError(
+                    f"`teacher_rollout_fraction` > 0 needs `loss_type='analytic'` (got {self.loss_type!r}): the "
+                    "policy-gradient estimators assume the student sampled every trajectory."
+                )
+            if self.rollout_schedule == "fused":
+                raise ValueError(
+                    "`teacher_rollout_fraction` > 0 needs the two-pass schedule (the teacher's trajectories are "
+                    "sampled before training): set `rollout_schedule` to 'two_pass' or 'auto'."
+                )
 
     def _stochastic_loss(self) -> Optional[str]:
         if self.loss_type in ("policy_gradient", "score_function"):
@@ -86,5 +110,5 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     def fused(self) -> bool:
         """Whether rollout and loss run in one pass."""
         if self.rollout_schedule == "auto":
-            return self.num_iterations == 1
+            return self.num_iterations == 1 and self.teacher_rollout_fraction == 0
         return self.rollout_schedule == "fused"

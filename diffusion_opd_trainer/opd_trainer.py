@@ -1,5 +1,6 @@
 """Multi-teacher on-policy distillation (DiffusionOPD, arXiv 2605.15055) as a `transformers.Trainer`."""
 
+import dataclasses
 import logging
 import os
 import time
@@ -16,10 +17,11 @@ from .image_logging import caption
 from .losses import distillation_loss
 from .opd_config import DiffusionOPDConfig
 from .pipelines import PromptEmbeddings
+from .rollout import Trajectory
 from .scoring import RewardFuncs, RewardSet
 from .sde import TransitionOutput, sde_step
 from .teacher_support import TeacherSupport
-from .teachers import TeacherSource
+from .teachers import TeacherSource, as_teacher
 from .trainer_base import DiffusionTrainerBase
 
 
@@ -243,13 +245,60 @@ class DiffusionOPDTrainer(TeacherSupport, DiffusionTrainerBase):
         args = self.args
         self.report_phase("rollout")
         embeds = self.encode(prompts)
-        trajectory = self.sample_trajectories(embeds)
+        trajectory = self._mixed_rollout(embeds, tasks) if args.teacher_rollout_fraction > 0 else None
+        if trajectory is None:
+            trajectory = self.sample_trajectories(embeds)
         self.report_phase("teachers")
         means = {
             j: self.teacher_means(trajectory.latents[:, j], trajectory.timesteps[j], embeds, tasks)
             for j in args.trained_step_indices
         }
         return _CachedRollout(trajectory.latents, trajectory.log_probs, trajectory.timesteps, embeds, tasks, means)
+
+    def teacher_rollout_rows(self, batch_size: int) -> list[int]:
+        """
+        The rows of this rollout that the prompt's teacher samples: each with probability `teacher_rollout_fraction`,
+        drawn from a generator of the seed and the rollout index (the rollout generator's stream is left alone).
+        """
+        rollout_index = self._buffer.micro_step - 1  # the buffer has already counted this rollout
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + rollout_index + 700_001)
+        draws = torch.rand(batch_size, generator=generator)
+        return [i for i in range(batch_size) if draws[i].item() < self.args.teacher_rollout_fraction]
+
+    def _mixed_rollout(self, embeds: PromptEmbeddings, tasks: list[str]) -> Optional[Trajectory]:
+        """
+        The rollout with some trajectories sampled by their prompt's teacher (with the teacher's CFG scale), the
+        others by the student; `None` when the draw gave the student every row. Rows keep their order.
+        """
+        teacher_rows = self.teacher_rollout_rows(len(tasks))
+        self._record("train", teacher_rollouts=len(teacher_rows) / len(tasks))
+        if not teacher_rows:
+            return None
+        student_rows = [i for i in range(len(tasks)) if i not in teacher_rows]
+        parts = []
+        if student_rows:
+            parts.append((student_rows, self.sample_trajectories(embeds[student_rows])))
+        for task in dict.fromkeys(tasks[i] for i in teacher_rows):
+            rows = [i for i in teacher_rows if tasks[i] == task]
+            teacher = self.teachers[task]
+            with as_teacher(self.family.denoiser, teacher):
+                trajectory = self.sample_trajectories(
+                    embeds[rows], guidance_scale=self.teacher_guidance_scale(teacher)
+                )
+            parts.append((rows, trajectory))
+        first = parts[0][1]
+        latents = torch.empty(
+            (len(tasks), *first.latents.shape[1:]), dtype=first.latents.dtype, device=first.latents.device
+        )
+        log_probs = None
+        if first.log_probs is not None:
+            log_probs = torch.empty((len(tasks), first.log_probs.shape[1]), device=first.log_probs.device)
+        for rows, part in parts:
+            index = torch.tensor(rows, device=latents.device)
+            latents[index] = part.latents
+            if log_probs is not None:
+                log_probs[index] = part.log_probs  # the sampler's own log-probs (unused by the analytic loss)
+        return dataclasses.replace(first, latents=latents, log_probs=log_probs, prompt_embeds=embeds)
 
     def _train_on_rollout(self, model, cached: _CachedRollout, weight: float = 1.0):
         """The second pass: the student's gradient at the stored states, against the cached teacher means."""

@@ -377,11 +377,13 @@ class DiffusionTrainerBase(Trainer):
         decode: bool = False,
         sde_steps: Optional[list[int]] = None,
         latents: Optional[torch.Tensor] = None,
+        guidance_scale: Optional[float] = None,
     ) -> Trajectory:
         """
         Rolls out the current policy without gradient, with the training kernel (`noise_level`, on `sde_steps` only
         when given), CFG and schedule, under the same autocast as the training forwards (so a recomputed log-prob
-        matches the stored one). The initial noise is `latents`, or drawn from the rollout generator.
+        matches the stored one). The initial noise is `latents`, or drawn from the rollout generator;
+        `guidance_scale` overrides the training CFG scale (a teacher's rollout with its own scale).
         """
         args = self.args
         height, width = self.image_size
@@ -390,7 +392,7 @@ class DiffusionTrainerBase(Trainer):
                 self.family,
                 prompt_embeds=embeds,
                 num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
+                guidance_scale=args.guidance_scale if guidance_scale is None else guidance_scale,
                 noise_level=args.noise_level,
                 sde_steps=sde_steps,
                 height=height,
