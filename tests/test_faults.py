@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.checkpoints import STAGING_DIR, checkpoint_problems, latest_intact_checkpoint
@@ -246,13 +247,26 @@ def _poison_teacher(trainer):
             parameter.data.fill_(float("nan"))
 
 
+class _PoisonAfterFirstStep(TrainerCallback):
+    """The teacher goes bad after step 1 (a broken teacher from the start is the preflight's: test_preflight.py)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.weights_when_poisoned = trainer, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.weights_when_poisoned = lora_weights(self.trainer)
+            _poison_teacher(self.trainer)
+
+
 def test_nonfinite_steps_are_skipped_counted_and_named(tmp_path, teacher, caplog):
-    trainer = opd_trainer(tmp_path, {"text": teacher}, max_nonfinite_steps=5)
-    _poison_teacher(trainer)
-    before = lora_weights(trainer)
+    trainer = opd_trainer(tmp_path, {"text": teacher}, max_nonfinite_steps=5, max_steps=3)
+    poison = _PoisonAfterFirstStep(trainer)
+    trainer.add_callback(poison)
     caplog.set_level(logging.WARNING)
     trainer.train()
     after = lora_weights(trainer)
+    before = poison.weights_when_poisoned
     assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed a weight"
     assert trainer.state.log_history[-2]["nonfinite_steps"] == 2
     warnings = [r.message for r in caplog.records if "non-finite" in r.message]
@@ -261,10 +275,10 @@ def test_nonfinite_steps_are_skipped_counted_and_named(tmp_path, teacher, caplog
 
 def test_consecutive_nonfinite_steps_stop_training(tmp_path, teacher):
     trainer = opd_trainer(tmp_path, {"text": teacher}, max_nonfinite_steps=2, max_steps=5)
-    _poison_teacher(trainer)
-    with pytest.raises(RuntimeError, match=r"step 2: 2 consecutive steps.*task 'text'"):
+    trainer.add_callback(_PoisonAfterFirstStep(trainer))
+    with pytest.raises(RuntimeError, match=r"step 3: 2 consecutive steps.*task 'text'"):
         trainer.train()
-    assert trainer.state.global_step == 1
+    assert trainer.state.global_step == 2
 
 
 def test_saving_refuses_nonfinite_weights(tmp_path):

@@ -298,12 +298,17 @@ def test_tiny_runs_emit_no_stray_warnings(tmp_path, teacher_dirs, method, caplog
 
 def test_toy_model_loads_without_bars_and_restores_them(capfd):
     """The toy model loads in a second: no loading bars in the output, and each library's bar setting is restored."""
-    toy.load_pipeline()
-    assert "Loading" not in capfd.readouterr().err
-    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [library.is_progress_bar_enabled() for library in libraries]  # other tests may have changed them
     try:
+        for library in libraries:
+            library.enable_progress_bar()
+        toy.load_pipeline()
+        assert "Loading" not in capfd.readouterr().err
+        assert all(library.is_progress_bar_enabled() for library in libraries)
+        diffusers_logging.disable_progress_bar()
         toy.load_pipeline()
         assert not diffusers_logging.is_progress_bar_enabled()  # a caller's own setting is kept
     finally:
-        diffusers_logging.enable_progress_bar()
+        for library, enabled in zip(libraries, saved):
+            library.enable_progress_bar() if enabled else library.disable_progress_bar()

@@ -130,6 +130,7 @@ def test_gradient_cosine_of_two_identical_halves_is_one(tmp_path):
         prompt_embeds=batch.prompt_embeds[[0, 1, 2, 3, 0, 1, 2, 3]],
         advantages=torch.cat([batch.advantages, batch.advantages]),
         trained_steps=batch.trained_steps,
+        tasks=batch.tasks * 2,
     )
     trainer.model.zero_grad(set_to_none=True)
     trainer._backward_in_halves(lambda rows, weight: trainer._policy_update(trainer.model, doubled[rows], weight), 8)
