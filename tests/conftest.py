@@ -23,3 +23,16 @@ def sd_pipe():
     from diffusion_opd_trainer.testing import tiny_sd_pipeline
 
     return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def random_teachers(tmp_path_factory):
+    """Two random teacher LoRAs for tasks "a" (a PEFT folder) and "b" (a diffusers folder) of the tiny SD3 pipeline."""
+    from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("random_teachers")
+    pipe = tiny_sd3_pipeline()
+    return {
+        "a": save_random_lora(pipe, root / "a", "peft", seed=1, std=0.3),
+        "b": save_random_lora(pipe, root / "b", "diffusers", seed=2, std=0.3),
+    }

@@ -40,6 +40,19 @@ def student_gradient(trainer) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
 
 
+def opd_gradient_on(opd, batch) -> torch.Tensor:
+    """The OPD trainer's gradient (two-pass, cached teacher means) on the states of a GRPO trainer's scored rollout."""
+    tasks = list(batch.tasks)
+    means = {
+        j: opd.teacher_means(batch.latents[:, j], batch.timesteps[j], batch.prompt_embeds, tasks)
+        for j in batch.trained_steps
+    }
+    cached = _CachedRollout(batch.latents, batch.log_probs, batch.timesteps, batch.prompt_embeds, tasks, means)
+    opd.model.zero_grad(set_to_none=True)
+    opd._train_on_rollout(opd.model, cached)
+    return student_gradient(opd)
+
+
 def test_opd_coef_zero_is_plain_grpo_to_the_bit(tmp_path, teacher_dir, caplog):
     settings = dict(max_steps=2, beta=0.04, noise_level=0.7)
     plain = hybrid_trainer(tmp_path / "plain", **settings)
@@ -93,15 +106,7 @@ def test_hybrid_gradient_is_grpo_plus_opd_coef_times_opd(tmp_path, teacher_dir, 
     opd.family.set_timesteps(4, *opd.image_size)  # the rollout's schedule (the OPD trainer has not rolled out)
     # The same student at the start (the LoRA's init depends on the seed only).
     assert all(torch.equal(a, b) for a, b in zip(student_state(opd).values(), student_state(constant).values()))
-    tasks = ["t"] * len(rows)
-    means = {
-        j: opd.teacher_means(batch.latents[:, j], batch.timesteps[j], batch.prompt_embeds, tasks)
-        for j in batch.trained_steps
-    }
-    cached = _CachedRollout(batch.latents, batch.log_probs, batch.timesteps, batch.prompt_embeds, tasks, means)
-    opd.model.zero_grad(set_to_none=True)
-    opd._train_on_rollout(opd.model, cached)
-    opd_gradient = student_gradient(opd)
+    opd_gradient = opd_gradient_on(opd, batch)
     assert opd_gradient.abs().max() > 0
     torch.testing.assert_close(hybrid_gradient, 2.0 * opd_gradient, rtol=1e-5, atol=1e-9)
 
@@ -115,14 +120,9 @@ def test_hybrid_gradient_is_grpo_plus_opd_coef_times_opd(tmp_path, teacher_dir, 
         rewarded.model.zero_grad(set_to_none=True)
         rewarded._policy_update(rewarded.model, batch)
         gradients[coef] = student_gradient(rewarded)
-    means = {
-        j: opd.teacher_means(batch.latents[:, j], batch.timesteps[j], batch.prompt_embeds, tasks)
-        for j in batch.trained_steps
-    }
-    cached = _CachedRollout(batch.latents, batch.log_probs, batch.timesteps, batch.prompt_embeds, tasks, means)
-    opd.model.zero_grad(set_to_none=True)
-    opd._train_on_rollout(opd.model, cached)
-    torch.testing.assert_close(gradients[2.0] - gradients[0.0], 2.0 * student_gradient(opd), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(
+        gradients[2.0] - gradients[0.0], 2.0 * opd_gradient_on(opd, batch), rtol=1e-4, atol=1e-8
+    )
 
 
 def test_hybrid_trains_logs_and_saves_the_student_only(tmp_path, teacher_dir):

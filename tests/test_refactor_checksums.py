@@ -13,7 +13,7 @@ from peft import LoraConfig
 
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.lora import STUDENT_ADAPTER, adapter_state_dict
-from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sd3_pipeline, tiny_sd_pipeline
+from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, tiny_sd3_pipeline, tiny_sd_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares", "a cat", "a dog"]
@@ -72,16 +72,6 @@ def image_mean_reward(prompts, images, **kwargs):
     return (images[:, 0] - images[:, 2]).mean(dim=(1, 2)).tolist()
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checksum_teachers")
-    pipe = tiny_sd3_pipeline()
-    return {
-        "a": save_random_lora(pipe, root / "a", "peft", seed=1, std=0.3),
-        "b": save_random_lora(pipe, root / "b", "diffusers", seed=2, std=0.3),
-    }
-
-
 @pytest.mark.parametrize("case", sorted(GRPO_CASES))
 def test_grpo_weights_are_bit_identical(tmp_path, case):
     torch.set_num_threads(1)
@@ -103,14 +93,14 @@ def test_grpo_weights_are_bit_identical(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", sorted(OPD_CASES))
-def test_opd_weights_are_bit_identical(tmp_path, teachers, case):
+def test_opd_weights_are_bit_identical(tmp_path, random_teachers, case):
     torch.set_num_threads(1)
     args = DiffusionOPDConfig(
         output_dir=str(tmp_path / "out"), **{**COMMON, "per_device_train_batch_size": 2, **OPD_CASES[case]}
     )
     trainer = DiffusionOPDTrainer(
         tiny_sd3_pipeline(seed=0),
-        teachers={task: str(path) for task, path in teachers.items()},
+        teachers={task: str(path) for task, path in random_teachers.items()},
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS, "task": ["a", "b", "a", "b"]}),
         peft_config=LoraConfig(**LORA),

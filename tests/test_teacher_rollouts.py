@@ -10,17 +10,7 @@ from diffusion_opd_trainer import DiffusionOPDTrainer
 from diffusion_opd_trainer.lora import STUDENT_ADAPTER, adapter_state_dict
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.teachers import as_teacher
-from diffusion_opd_trainer.testing import save_random_lora, tiny_sd3_pipeline
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixing_teachers")
-    pipe = tiny_sd3_pipeline()
-    return {
-        "a": save_random_lora(pipe, root / "a", "peft", seed=1, std=0.3),
-        "b": save_random_lora(pipe, root / "b", "diffusers", seed=2, std=0.3),
-    }
+from diffusion_opd_trainer.testing import tiny_sd3_pipeline
 
 
 def trainer_with(tmp_path, teachers, dataset=None, **overrides):
@@ -33,10 +23,25 @@ def trainer_with(tmp_path, teachers, dataset=None, **overrides):
     )
 
 
-def test_fraction_zero_is_todays_opd(tmp_path, teachers):
+def seeded_rollout(trainer, prompts, noise_level, seed):
+    """A rollout of the trainer's denoiser as it is now (student, or a teacher inside `as_teacher`) at its settings."""
+    return rollout(
+        trainer.family,
+        prompts,
+        num_inference_steps=trainer.args.num_inference_steps,
+        guidance_scale=trainer.args.guidance_scale,
+        noise_level=noise_level,
+        height=trainer.image_size[0],
+        width=trainer.image_size[1],
+        generator=torch.Generator().manual_seed(seed),
+        negative_prompt=trainer.args.negative_prompt,
+    )
+
+
+def test_fraction_zero_is_todays_opd(tmp_path, random_teachers):
     settings = dict(rollout_schedule="two_pass", noise_level=0.7, max_steps=2)
-    runs = [trainer_with(tmp_path / "default", teachers, **settings)]
-    runs.append(trainer_with(tmp_path / "zero", teachers, teacher_rollout_fraction=0.0, **settings))
+    runs = [trainer_with(tmp_path / "default", random_teachers, **settings)]
+    runs.append(trainer_with(tmp_path / "zero", random_teachers, teacher_rollout_fraction=0.0, **settings))
     for trainer in runs:
         trainer.train()
     first, second = (adapter_state_dict(t.unwrapped_denoiser, STUDENT_ADAPTER) for t in runs)
@@ -45,10 +50,10 @@ def test_fraction_zero_is_todays_opd(tmp_path, teachers):
 
 
 @pytest.mark.parametrize("noise_level", [0.0, 0.7])
-def test_fraction_one_trains_on_the_teachers_own_trajectories(tmp_path, teachers, noise_level):
+def test_fraction_one_trains_on_the_teachers_own_trajectories(tmp_path, random_teachers, noise_level):
     trainer = trainer_with(
         tmp_path,
-        {"a": teachers["a"]},
+        {"a": random_teachers["a"]},
         dataset=Dataset.from_dict({"prompt": PROMPTS}),
         teacher_rollout_fraction=1.0,
         noise_level=noise_level,
@@ -56,35 +61,15 @@ def test_fraction_one_trains_on_the_teachers_own_trajectories(tmp_path, teachers
     prompts = PROMPTS[:3]
     trainer.rollout_generator.manual_seed(7)
     cached = trainer._rollout_with_teachers(prompts, ["a"] * 3)
-    family = trainer.family
-    with as_teacher(family.denoiser, trainer.teachers["a"]):
-        expected = rollout(
-            family,
-            prompts,
-            num_inference_steps=trainer.args.num_inference_steps,
-            guidance_scale=1.0,
-            noise_level=noise_level,
-            height=trainer.image_size[0],
-            width=trainer.image_size[1],
-            generator=torch.Generator().manual_seed(7),
-            negative_prompt=trainer.args.negative_prompt,
-        )
+    with as_teacher(trainer.family.denoiser, trainer.teachers["a"]):
+        expected = seeded_rollout(trainer, prompts, noise_level, seed=7)
     torch.testing.assert_close(cached.latents, expected.latents)
-    student = rollout(
-        family,
-        prompts,
-        num_inference_steps=trainer.args.num_inference_steps,
-        guidance_scale=1.0,
-        noise_level=noise_level,
-        height=trainer.image_size[0],
-        width=trainer.image_size[1],
-        generator=torch.Generator().manual_seed(7),
-    )
+    student = seeded_rollout(trainer, prompts, noise_level, seed=7)
     assert not torch.allclose(cached.latents[:, -1], student.latents[:, -1])  # not the student's own
 
 
-def test_mixed_batches_train_and_log_the_fraction(tmp_path, teachers):
-    trainer = trainer_with(tmp_path, teachers, teacher_rollout_fraction=0.5, max_steps=6, noise_level=0.7)
+def test_mixed_batches_train_and_log_the_fraction(tmp_path, random_teachers):
+    trainer = trainer_with(tmp_path, random_teachers, teacher_rollout_fraction=0.5, max_steps=6, noise_level=0.7)
     trainer.train()
     fractions = [entry["teacher_rollouts"] for entry in trainer.state.log_history if "teacher_rollouts" in entry]
     assert len(fractions) == 6 and all(0.0 <= f <= 1.0 for f in fractions)
