@@ -96,6 +96,8 @@ def run_method(config: TableConfig, method: str, task: str, teacher: str, steps:
         )
     start = time.perf_counter()
     _run_trainer(trainer, counter, config, curve, method, steps)
+    kl_name = "teacher_kl" if method == "hybrid" else "kl"
+    kls = [entry[kl_name] for entry in trainer.state.log_history if kl_name in entry]
     return {
         "steps": trainer.state.global_step,
         "forwards": counter.forwards,
@@ -103,6 +105,8 @@ def run_method(config: TableConfig, method: str, task: str, teacher: str, steps:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "curve": [{"step": p["step"], "forwards": p["forwards"], "reward": p["rewards"][task]} for p in curve],
         "other_tasks_final": {name: curve[-1]["rewards"][name] for name in TASKS if name != task},
+        # The step KL to the teacher, first and last step (GRPO: the KL to the base model, with beta).
+        "kl_first_last": [kls[0], kls[-1]] if kls else None,
     }
 
 
