@@ -154,7 +154,10 @@ def main(argv=None) -> dict:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
+    command = " ".join(["python benchmarks/toy_hybrid.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
+        f"`{command}`",
+        "",
         f"Task {args.task}, seed {args.seed}, budget {args.forwards} image-forwards, validation prompts; base model "
         f"{base:.3f}.",
         "",
