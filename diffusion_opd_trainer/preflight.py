@@ -7,7 +7,8 @@ that names what is wrong before any compute is spent:
   the step KL compares two transitions of one grid;
 - frozen teachers: no teacher weight in the optimizer or trainable, none among the weights a save writes, and their
   checksums recorded (then verified at every save);
-- the first micro-batch's teacher targets: finite, and of the student's shape.
+- the first micro-batch's teacher targets: finite, and of the student's shape;
+- the combination of options, checked when the config and the trainer were built, said in one line.
 """
 
 import json
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SCHEDULER_CONFIG_NAME",
+    "report_options",
     "check_scheduler_grids",
     "check_teacher_targets",
     "check_teachers_frozen",
@@ -160,3 +162,24 @@ def check_teacher_targets(
                 "micro-batch: its LoRA weights or its CFG scale are broken."
             )
     logger.info("Preflight: the first micro-batch's teacher targets are finite and of the student's shape")
+
+
+def report_options(args, teachers: dict[str, Teacher], guidance_scales: dict[str, float]) -> None:
+    """
+    Says the training set-up in one line (method, kernel, loss, schedule, teachers and their CFG scales): every
+    combination was checked when the config (`__post_init__`) and the trainer were built, each unsupported one with
+    an error naming it, so reaching this line means the combination is supported.
+    """
+    kernel = "ODE (mean matching)" if args.noise_level == 0 else f"SDE at noise level {args.noise_level} (exact KL)"
+    if hasattr(args, "opd_coef"):  # GRPO, the hybrid
+        method = f"GRPO plus {args.opd_coef} x the step KL to the teacher (hybrid), beta {args.beta}"
+    else:
+        schedule = "fused" if args.fused else "two-pass"
+        method = (
+            f"on-policy distillation, {args.loss_type} loss, {schedule} schedule, teacher rollouts "
+            f"{args.teacher_rollout_fraction}"
+        )
+    cfg = ", ".join(f"{task} CFG {guidance_scales[task]}" for task in teachers)
+    logger.info(
+        "Preflight: options supported: %s; %s, %s KL scaling; teachers: %s", method, kernel, args.kl_scaling, cfg
+    )

@@ -13,7 +13,7 @@ import torch
 
 from .lora import adapter_checksum
 from .pipelines import PromptEmbeddings
-from .preflight import check_scheduler_grids, check_teacher_targets, check_teachers_frozen
+from .preflight import check_scheduler_grids, check_teacher_targets, check_teachers_frozen, report_options
 from .targets import teacher_means
 from .teachers import Teacher, TeacherSource, check_local_sources, load_teachers
 
@@ -121,6 +121,8 @@ class TeacherSupport:
         optimizer = super().create_optimizer(model)
         if self.teachers:
             args = self.args
+            guidance = {task: self.teacher_guidance_scale(teacher) for task, teacher in self.teachers.items()}
+            report_options(args, self.teachers, guidance)
             check_scheduler_grids(self.family, self.teachers, args.num_inference_steps, *self.image_size)
             check_teachers_frozen(self.unwrapped_denoiser, self.teachers, optimizer)
         return optimizer

@@ -36,10 +36,12 @@ def test_a_run_says_each_check_once(tmp_path, teacher, caplog):
     with caplog.at_level(logging.INFO, "diffusion_opd_trainer.preflight"):
         opd_trainer(tmp_path, teacher, max_steps=2).train()
     lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_opd_trainer.preflight"]
-    assert len(lines) == 3, lines
-    assert "no scheduler recorded, run on the student's: ['t']" in lines[0]
-    assert "1 teacher(s) frozen" in lines[1]
-    assert "finite and of the student's shape" in lines[2]
+    assert len(lines) == 4, lines
+    assert "options supported: on-policy distillation, analytic loss, fused schedule" in lines[0]
+    assert "ODE (mean matching), exact KL scaling; teachers: t CFG 1.0" in lines[0]
+    assert "no scheduler recorded, run on the student's: ['t']" in lines[1]
+    assert "1 teacher(s) frozen" in lines[2]
+    assert "finite and of the student's shape" in lines[3]
 
 
 def test_a_teacher_trained_by_this_library_records_its_grid_and_passes(tmp_path, caplog):
