@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from .diffusion_config import DiffusionTrainingConfig, check_number, parse_teacher_guidance_scales
+from .prompt_sampler import SDE_WINDOW_STREAM, rollout_draw_generator
 
 
 SCALE_REWARDS = ("batch", "group", "none")
@@ -177,6 +178,6 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
         start = self.sde_window_start
         if start is None:
             last_start = self.trained_step_indices[-1] - self.sde_window_size + 1
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rollout_index)
+            generator = rollout_draw_generator(self.seed, rollout_index, SDE_WINDOW_STREAM)
             start = int(torch.randint(0, last_start + 1, (1,), generator=generator))
         return list(range(start, start + self.sde_window_size))

@@ -17,6 +17,7 @@ from .hub import FLOW_GRPO_CITATION
 from .image_logging import caption
 from .losses import grpo_loss
 from .pipelines import PromptEmbeddings
+from .prompt_sampler import GROUP_NOISE_STREAM, rollout_draw_generator
 from .scoring import RewardFuncs, RewardSet
 from .sde import sde_step
 from .stat_tracking import PerPromptStatTracker
@@ -224,7 +225,7 @@ class DiffusionGRPOTrainer(TeacherSupport, DiffusionTrainerBase):
         args = self.args
         height, width = self.image_size
         num_groups = local_size * self.accelerator.num_processes // args.num_generations
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rollout_index + 500_009)
+        generator = rollout_draw_generator(args.seed, rollout_index, GROUP_NOISE_STREAM)
         noise = self.family.prepare_latents(num_groups, height, width, generator)
         noise = noise.repeat_interleave(args.num_generations, dim=0)
         rank = self.accelerator.process_index

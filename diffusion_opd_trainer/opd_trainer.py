@@ -17,6 +17,7 @@ from .image_logging import caption
 from .losses import distillation_loss
 from .opd_config import DiffusionOPDConfig
 from .pipelines import PromptEmbeddings
+from .prompt_sampler import TEACHER_ROWS_STREAM, rollout_draw_generator
 from .rollout import Trajectory
 from .scoring import RewardFuncs, RewardSet
 from .sde import TransitionOutput, sde_step
@@ -261,7 +262,7 @@ class DiffusionOPDTrainer(TeacherSupport, DiffusionTrainerBase):
         drawn from a generator of the seed and the rollout index (the rollout generator's stream is left alone).
         """
         rollout_index = self._buffer.micro_step - 1  # the buffer has already counted this rollout
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + rollout_index + 700_001)
+        generator = rollout_draw_generator(self.args.seed, rollout_index, TEACHER_ROWS_STREAM)
         draws = torch.rand(batch_size, generator=generator)
         return [i for i in range(batch_size) if draws[i].item() < self.args.teacher_rollout_fraction]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME  # what `save_config` writes
 
 from .lora import STUDENT_ADAPTER, adapter_state_dict, lora_parameters
 from .teachers import Teacher
@@ -32,8 +33,6 @@ __all__ = [
     "check_teachers_frozen",
     "scheduler_grid",
 ]
-
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"  # diffusers' name: `scheduler.save_config(folder)` writes it
 
 
 def scheduler_grid(family, scheduler, num_inference_steps: int, height: int, width: int) -> dict[str, torch.Tensor]:

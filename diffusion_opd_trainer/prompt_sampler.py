@@ -7,6 +7,18 @@ import torch
 from torch.utils.data import Sampler
 
 
+# Offsets that keep the independent per-rollout draws (window start, shared group noise, teacher rows) apart.
+SDE_WINDOW_STREAM, GROUP_NOISE_STREAM, TEACHER_ROWS_STREAM = 0, 500_009, 700_001
+
+
+def rollout_draw_generator(seed: int, rollout_index: int, stream: int) -> torch.Generator:
+    """
+    A CPU generator for one kind of draw (`stream`) of rollout number `rollout_index`: a function of the training seed
+    and the rollout index only, so that every process, and a resumed run, draws the same.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + rollout_index + stream)
+
+
 class PromptSampler(Sampler[int]):
     """
     Yields dataset indices so that each *global micro-batch* (what all processes sample in one training step,

@@ -57,7 +57,6 @@ class TeacherSupport:
 
     teacher_sources: Optional[dict[str, TeacherSource]] = None  # set by `accept_teacher_sources`
     teachers: dict[str, Teacher]  # set by `load_teacher_adapters` (empty without teachers)
-    _single_task: Optional[str] = None
     _teacher_targets_checked = False
 
     def accept_teacher_sources(self, teachers: dict[str, TeacherSource], datasets: dict) -> None:
@@ -85,17 +84,20 @@ class TeacherSupport:
             guidance_overrides=args.teacher_guidance_scales,
             token=args.hub_token,
         )
-        self._single_task = next(iter(self.teachers)) if len(self.teachers) == 1 else None
 
     def teacher_tasks(self, columns: dict, batch_size: int) -> list[str]:
         """The task (teacher) of each row of a batch: its `task` column, or the only teacher's task."""
         if "task" in columns:
             return list(columns["task"])
-        return [self._single_task] * batch_size
+        return [next(iter(self.teachers))] * batch_size  # one teacher (a dataset without tasks has only one)
 
     def teacher_guidance_scale(self, teacher: Teacher) -> float:
         """The teacher's own CFG scale, else the student's `guidance_scale`."""
         return teacher.guidance_scale if teacher.guidance_scale is not None else self.args.guidance_scale
+
+    def teacher_guidance_scales(self) -> dict[str, float]:
+        """Each task's teacher CFG scale ([`teacher_guidance_scale`])."""
+        return {task: self.teacher_guidance_scale(teacher) for task, teacher in self.teachers.items()}
 
     def teacher_means(
         self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeddings, tasks: list[str]
@@ -108,7 +110,7 @@ class TeacherSupport:
             t,
             embeds,
             tasks,
-            guidance_scales={task: self.teacher_guidance_scale(teacher) for task, teacher in self.teachers.items()},
+            guidance_scales=self.teacher_guidance_scales(),
             noise_level=self.args.noise_level,
             autocast=self.compute_loss_context_manager,
         )
@@ -121,8 +123,7 @@ class TeacherSupport:
         optimizer = super().create_optimizer(model)
         if self.teachers:
             args = self.args
-            guidance = {task: self.teacher_guidance_scale(teacher) for task, teacher in self.teachers.items()}
-            report_options(args, self.teachers, guidance)
+            report_options(args, self.teachers, self.teacher_guidance_scales())
             check_scheduler_grids(self.family, self.teachers, args.num_inference_steps, *self.image_size)
             check_teachers_frozen(self.unwrapped_denoiser, self.teachers, optimizer)
         return optimizer
@@ -145,6 +146,6 @@ class TeacherSupport:
     def teacher_table(self) -> str:
         """The model card's Markdown table of the teachers (task, source, CFG scale)."""
         rows = ["| task | teacher | teacher CFG |", "|---|---|---|"]
-        for task, teacher in self.teachers.items():
-            rows.append(f"| {task} | `{teacher.source}` | {self.teacher_guidance_scale(teacher)} |")
+        for task, scale in self.teacher_guidance_scales().items():
+            rows.append(f"| {task} | `{self.teachers[task].source}` | {scale} |")
         return "\n".join(rows)
