@@ -184,13 +184,13 @@ class TableConfig:
     grpo_per_prompt_stat_tracking: bool = False
     grpo_timestep_fraction: float = 0.99
     grpo_share_initial_noise: bool = False
-    teacher_steps: int = 32
+    teacher_steps: int = 20
     multitask_steps: Optional[int] = None
     cascade_steps_per_task: Optional[int] = None
     opd_learning_rate: float = 1e-3
     opd_batch_size: int = 16
     opd_gradient_accumulation_steps: int = 1
-    opd_steps: int = 48
+    opd_steps: int = 32
     opd_sde_noise_level: float = 0.7
     opd_timestep_fraction: float = 0.99
 
