@@ -64,6 +64,11 @@ class DiffusionTrainingConfig(TrainingArguments):
             Classifier-free guidance scale of the policy (the student) during rollouts and training; 1 disables CFG.
         eval_guidance_scale (`float`, *optional*):
             CFG scale for evaluation. Defaults to `guidance_scale`.
+        true_cfg_scale (`float`, *optional*, defaults to `1.0`):
+            True classifier-free guidance with `negative_prompt` on top of a guidance-distilled model's embedded
+            guidance: the pipeline's own `true_cfg_scale` (Flux.1-dev, whose `guidance_scale` is embedded). 1 disables
+            it; families whose `guidance_scale` is the CFG scale accept only 1. Used in rollouts, training (students
+            and teachers alike) and evaluation.
         negative_prompt (`str`, *optional*, defaults to `""`):
             The negative prompt of classifier-free guidance.
         max_sequence_length (`int`, *optional*):
@@ -149,6 +154,10 @@ class DiffusionTrainingConfig(TrainingArguments):
     eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE steps used by `evaluate`."})
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale of the policy; 1 disables CFG."})
     eval_guidance_scale: Optional[float] = field(default=None, metadata={"help": "CFG scale for evaluation."})
+    true_cfg_scale: float = field(
+        default=1.0,
+        metadata={"help": "True CFG with the negative prompt on top of embedded guidance (Flux.1-dev); 1 disables."},
+    )
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for classifier-free guidance."})
     max_sequence_length: Optional[int] = field(default=None, metadata={"help": "T5 sequence length (SD3 family)."})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (DDIM eta); 0 = ODE."})
@@ -189,6 +198,8 @@ class DiffusionTrainingConfig(TrainingArguments):
             check_number(name, getattr(self, name), minimum, strict)
         if self.eval_guidance_scale is not None:
             check_number("eval_guidance_scale", self.eval_guidance_scale, 0)
+        # The pipelines run true CFG only above 1: a value below would mean something here and nothing there.
+        check_number("true_cfg_scale", self.true_cfg_scale, 1)
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
         if self.resolution is not None and self.resolution <= 0:

@@ -229,6 +229,7 @@ def sample_images(
     width: Optional[int] = None,
     negative_prompt: str = "",
     batch_size: Optional[int] = None,
+    true_cfg_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """
     The seeded ODE sampler of the evaluations: image `i` starts from the noise of a CPU generator seeded `seeds[i]`,
@@ -242,6 +243,8 @@ def sample_images(
         height (`int`, *optional*), width (`int`, *optional*): the image size; the pipeline's default otherwise.
         negative_prompt (`str`, defaults to `""`): CFG's negative prompt.
         batch_size (`int`, *optional*): images per forward; all at once when omitted.
+        true_cfg_scale (`float`, *optional*): true CFG on top of embedded guidance (Flux.1-dev's
+            `true_cfg_scale`; only 1 for the other families); by default the family's own (1 for a pipeline).
 
     Returns:
         `torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`, float32, on the pipeline's device.
@@ -250,11 +253,16 @@ def sample_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
     batch_size = batch_size or max(len(prompts), 1)
+    from .pipelines import get_family
+
+    family = get_family(pipeline)
+    if true_cfg_scale is not None:
+        family.set_true_cfg_scale(true_cfg_scale)
     images = []
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         trajectory = rollout(
-            pipeline,
+            family,
             prompts[start:stop],
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -287,6 +295,7 @@ def evaluate(
     seed: int = 0,
     max_prompts: Optional[int] = None,
     negative_prompt: str = "",
+    true_cfg_scale: Optional[float] = None,
     output_dir: Optional[Union[str, os.PathLike]] = None,
     save_images: bool = False,
     show_progress: bool = True,
@@ -319,6 +328,8 @@ def evaluate(
         seed (`int`, defaults to 0): the base seed.
         max_prompts (`int`, *optional*): the first `max_prompts` prompts of each task only.
         negative_prompt (`str`, defaults to `""`): CFG's negative prompt.
+        true_cfg_scale (`float`, *optional*): true CFG on top of embedded guidance (Flux.1-dev's `true_cfg_scale`),
+            recorded in the settings when given.
         output_dir (`str` or `os.PathLike`, *optional*): where to write `results.json` and `results.md`.
         save_images (`bool`, defaults to `False`): also save the images as PNG under `output_dir/<task>/`.
         show_progress (`bool`, defaults to `True`): progress bars.
@@ -346,6 +357,8 @@ def evaluate(
         "lora_scale": lora_scale,
         "sampler": "ode",
     }
+    if true_cfg_scale is not None:
+        settings["true_cfg_scale"] = true_cfg_scale
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict]] = {}
     with _eval_mode(pipeline), _lora_applied(pipeline, lora, lora_scale):
@@ -372,6 +385,7 @@ def evaluate(
                     height=height,
                     width=width,
                     negative_prompt=negative_prompt,
+                    true_cfg_scale=true_cfg_scale,
                 )
                 extra = {key: value[start:stop] for key, value in image_columns.items() if key != "prompt"}
                 scores: dict[str, list] = {}

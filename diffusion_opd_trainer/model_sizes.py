@@ -17,7 +17,7 @@ REAL_SCALE_DENOISERS = {
     "SD3.5-Medium": dict(
         source="stabilityai/stable-diffusion-3.5-medium/transformer/config.json",
         class_name="SD3Transformer2DModel",
-        family="sd3",
+        family="SD3Family",
         config=dict(
             sample_size=128,
             patch_size=2,
@@ -34,10 +34,29 @@ REAL_SCALE_DENOISERS = {
             qk_norm="rms_norm",
         ),
     ),
+    "SD3.5-Large": dict(
+        source="stabilityai/stable-diffusion-3.5-large/transformer/config.json",
+        class_name="SD3Transformer2DModel",
+        family="SD3Family",
+        config=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=38,
+            attention_head_dim=64,
+            num_attention_heads=38,
+            joint_attention_dim=4096,
+            caption_projection_dim=2432,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        ),
+    ),
     "Flux.1-dev": dict(
         source="black-forest-labs/FLUX.1-dev/transformer/config.json",
         class_name="FluxTransformer2DModel",
-        family="flux",
+        family="FluxFamily",
         config=dict(
             patch_size=1,
             in_channels=64,
@@ -49,6 +68,27 @@ REAL_SCALE_DENOISERS = {
             pooled_projection_dim=768,
             guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
+        ),
+    ),
+    "SDXL": dict(
+        source="stabilityai/stable-diffusion-xl-base-1.0/unet/config.json",
+        class_name="UNet2DConditionModel",
+        family="SDXLFamily",
+        config=dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
         ),
     ),
 }
@@ -81,8 +121,7 @@ def denoiser_size(name: str, r: int = 32, ffn: bool = False) -> DenoiserSize:
     from accelerate import init_empty_weights
     from peft import LoraConfig
 
-    from .pipelines.flux import FluxFamily
-    from .pipelines.sd3 import SD3Family
+    from . import pipelines
 
     spec = REAL_SCALE_DENOISERS[name]
     # Buffers too: SD3.5's positional-embedding table alone is 226 M values (0.9 GB in float32).
@@ -90,7 +129,8 @@ def denoiser_size(name: str, r: int = 32, ffn: bool = False) -> DenoiserSize:
         denoiser = getattr(diffusers, spec["class_name"])(**spec["config"])
         base_params = sum(p.numel() for p in denoiser.parameters())
         # The family's LoRA targets read only the denoiser (its config): a stand-in pipeline holding it will do.
-        family = {"sd3": SD3Family, "flux": FluxFamily}[spec["family"]](SimpleNamespace(transformer=denoiser))
+        family_class = pipelines.family_class(spec["family"])
+        family = family_class(SimpleNamespace(**{family_class.denoiser_name: denoiser}))
         targets = family.lora_target_modules(ffn=ffn)
         denoiser.add_adapter(LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights="gaussian", target_modules=targets))
     lora = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}

@@ -245,16 +245,28 @@ def sde_step(
     """
     if noise_level < 0:
         raise ValueError(f"`noise_level` must be >= 0, got {noise_level}.")
+    check_scheduler(scheduler)
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return _flow_match_step(scheduler, model_output, timestep, sample, noise_level, prev_sample, generator)
+    return _ddim_step(scheduler, model_output, timestep, sample, noise_level, prev_sample, generator)
+
+
+def check_scheduler(scheduler) -> None:
+    """
+    Raises when the kernels do not cover `scheduler`: a `TypeError` for a scheduler type other than
+    `FlowMatchEulerDiscreteScheduler` and `DDIMScheduler` (with the swap to DDIM that keeps the noise schedule), a
+    `ValueError` for a flow-matching scheduler that adds noise of its own. The trainers call it before any work.
+    """
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         if getattr(scheduler.config, "stochastic_sampling", False):
             raise ValueError("`sde_step` implements its own noise: use a scheduler with `stochastic_sampling=False`.")
-        return _flow_match_step(scheduler, model_output, timestep, sample, noise_level, prev_sample, generator)
-    if isinstance(scheduler, DDIMScheduler):
-        return _ddim_step(scheduler, model_output, timestep, sample, noise_level, prev_sample, generator)
-    raise TypeError(
-        f"`sde_step` supports FlowMatchEulerDiscreteScheduler and DDIMScheduler, got {type(scheduler).__name__}. "
-        "Swap the pipeline's scheduler, e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."
-    )
+        return
+    if not isinstance(scheduler, DDIMScheduler):
+        raise TypeError(
+            f"The transition kernels support FlowMatchEulerDiscreteScheduler and DDIMScheduler, got "
+            f"{type(scheduler).__name__}. Swap the pipeline's scheduler, e.g. "
+            "`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)` (the same noise schedule)."
+        )
 
 
 def step_kl(

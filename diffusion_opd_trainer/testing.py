@@ -34,6 +34,7 @@ with quiet_pipeline_imports():  # the first import of diffusers' pipeline classe
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
 
@@ -52,6 +53,7 @@ __all__ = [
     "tiny_sd3_pipeline",
     "tiny_sd3_transformer",
     "tiny_sd_pipeline",
+    "tiny_sdxl_pipeline",
 ]
 
 # A seconds-long training run on the tiny pipelines (the tests' settings; add the method's own, e.g. batch sizes).
@@ -475,6 +477,77 @@ def tiny_sd_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    return _ready(pipe, dtype)
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0,
+    resolution: int = 32,
+    words: Iterable[str] = DEFAULT_WORDS,
+    text_max_length: int = 8,
+    time_cond_proj_dim: Optional[int] = None,
+    dtype: Optional[torch.dtype] = torch.float32,
+) -> StableDiffusionXLPipeline:
+    """
+    A tiny, random `StableDiffusionXLPipeline` (two CLIP text encoders, the second with a projection; a UNet with
+    SDXL's "text_time" added conditioning; a VAE) with a `DDIMScheduler` of SDXL's noise schedule, the scheduler the
+    kernels cover (the released checkpoints ship an Euler one: see [`~pipelines.SDXLFamily`]).
+
+    Args:
+        seed (`int`, defaults to 0): seeds the random weights.
+        resolution (`int`, defaults to 32): the image size in pixels.
+        words (`Iterable[str]`, defaults to `DEFAULT_WORDS`): the tokenizers' whole-word vocabulary.
+        text_max_length (`int`, defaults to 8): the CLIP sequence length.
+        time_cond_proj_dim (`int`, *optional*): a guidance embedding of this width in the UNet (LCM-style SDXL).
+        dtype (`torch.dtype`, defaults to `torch.float32`): the dtype of every module.
+    """
+    words = list(words)
+    tokenizer = build_clip_tokenizer(words, model_max_length=text_max_length)
+    tokenizer_2 = build_clip_tokenizer(words, model_max_length=text_max_length)
+    with seeded(seed):
+        text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer), 16, 16, text_max_length))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(len(tokenizer_2), 16, 16, text_max_length))
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=4,
+            # Both encoders' token features side by side (16 + 16), as SDXL's 768 + 1280.
+            cross_attention_dim=32,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            # Six size values of 8 each, plus the second encoder's 16-wide projection.
+            projection_class_embeddings_input_dim=6 * 8 + 16,
+            time_cond_proj_dim=time_cond_proj_dim,
+        )
+        vae = tiny_vae(4, resolution, scaling_factor=0.13025, force_upcast=True)
+    # SDXL's noise schedule (its scheduler_config.json), in the DDIM scheduler.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     return _ready(pipe, dtype)
 

@@ -43,6 +43,7 @@ from .quiet import quiet_pipeline_imports
 from .rewards import reward_name
 from .rollout import Trajectory, rollout
 from .scoring import RewardError, RewardSet
+from .sde import check_scheduler
 
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class DiffusionTrainerBase(Trainer):
         self.pipeline = model
         self.pipeline.set_progress_bar_config(disable=True)
         self.family: PipelineFamily = get_family(model)
+        check_scheduler(model.scheduler)  # before any weight is touched
+        self.family.set_true_cfg_scale(args.true_cfg_scale)
 
         denoiser = self.family.denoiser
         for component in model.components.values():
@@ -519,6 +522,7 @@ class DiffusionTrainerBase(Trainer):
                     batch_size=args.per_device_eval_batch_size,
                     seed=args.eval_seed,
                     negative_prompt=args.negative_prompt,
+                    true_cfg_scale=args.true_cfg_scale,
                     show_progress=not args.disable_tqdm,
                     on_batch=collector,
                 )

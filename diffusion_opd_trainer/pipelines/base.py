@@ -36,6 +36,19 @@ def _diffusers_warnings_silenced():
         diffusers_logging.set_verbosity(verbosity)
 
 
+def concat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """
+    Concatenates conditioning tensors along the batch. Token sequences of different lengths (dimension 1, as the
+    prompt embeddings and attention masks of families whose text encoder is not padded to a fixed length) are
+    right-padded with zeros first: a zero in an attention mask is a masked token.
+    """
+    lengths = {t.shape[1] for t in tensors if t.dim() >= 2}
+    if len(lengths) > 1:
+        longest = max(lengths)
+        tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])) for t in tensors]
+    return torch.cat(list(tensors))
+
+
 @dataclass
 class PromptEmbeddings:
     """
@@ -66,10 +79,10 @@ class PromptEmbeddings:
     @staticmethod
     def cat(items: Sequence["PromptEmbeddings"]) -> "PromptEmbeddings":
         """Concatenates along the batch dimension."""
-        cond = {k: torch.cat([item.cond[k] for item in items]) for k in items[0].cond}
+        cond = {k: concat_padded([item.cond[k] for item in items]) for k in items[0].cond}
         uncond = None
         if all(item.uncond is not None for item in items):
-            uncond = {k: torch.cat([item.uncond[k] for item in items]) for k in items[0].uncond}
+            uncond = {k: concat_padded([item.uncond[k] for item in items]) for k in items[0].uncond}
         return PromptEmbeddings(cond, uncond)
 
 
@@ -167,6 +180,10 @@ class PipelineFamily(ABC):
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         """Encodes prompts into the denoiser's conditioning tensors (batch first)."""
 
+    def _encode_negative(self, negative_prompt: str, max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
+        """Encodes CFG's negative prompt (batch of one); families whose pipeline treats `""` specially override it."""
+        return self._encode([negative_prompt], max_sequence_length)
+
     def text_length_limits(self, max_sequence_length: Optional[int]) -> dict[str, int]:
         """Each tokenizer of the pipeline (by component name) and the token length its encoder truncates prompts to."""
         limits = {}
@@ -236,11 +253,13 @@ class PipelineFamily(ABC):
                     self._cache.put((prompt, key), {k: v.cpu() for k, v in fresh[prompt].items()})
         device = self.device
         rows = [fresh.get(p) or self._cache.get((p, key)) for p in prompts]
-        cond = {k: torch.cat([row[k].to(device) for row in rows]) for k in rows[0]}
+        cond = {k: concat_padded([row[k].to(device) for row in rows]) for k in rows[0]}
         uncond = None
         if negative_prompt is not None:
             if (negative_prompt, key) not in self._negative_cache:
-                self._negative_cache[(negative_prompt, key)] = self._encode([negative_prompt], max_sequence_length)
+                with _diffusers_warnings_silenced():
+                    negative = self._encode_negative(negative_prompt, max_sequence_length)
+                self._negative_cache[(negative_prompt, key)] = negative
             negative = self._negative_cache[(negative_prompt, key)]
             uncond = {k: v.to(device).expand(len(prompts), *v.shape[1:]) for k, v in negative.items()}
         return PromptEmbeddings(cond, uncond)
@@ -267,6 +286,19 @@ class PipelineFamily(ABC):
         `guidance_scale` instead (Flux) returns its own true-CFG scale.
         """
         return guidance_scale
+
+    def set_true_cfg_scale(self, scale: float) -> None:
+        """
+        Sets the true classifier-free guidance that a guidance-distilled family runs on top of its embedded guidance
+        (the pipeline's `true_cfg_scale`, with the negative prompt; 1 disables it). Only such families have it
+        (Flux.1); for the others `guidance_scale` already is the CFG scale, and a value other than 1 is an error.
+        """
+        if scale != 1.0:
+            raise ValueError(
+                f"`true_cfg_scale` ({scale}) is true CFG on top of embedded guidance, which {type(self).__name__} "
+                "does not have: its `guidance_scale` already is the classifier-free guidance scale. Leave "
+                "`true_cfg_scale` at 1."
+            )
 
     def predict(
         self,
@@ -300,12 +332,19 @@ class PipelineFamily(ABC):
             return self._forward(denoiser, model_input, timestep, embeddings.cond, guidance_scale).float()
         if embeddings.uncond is None:
             raise ValueError(f"CFG scale {cfg_scale} needs negative-prompt embeddings; none were encoded.")
-        cond = {k: torch.cat([embeddings.uncond[k], v]) for k, v in embeddings.cond.items()}
+        cond = {k: concat_padded([embeddings.uncond[k], v]) for k, v in embeddings.cond.items()}
         output = self._forward(
             denoiser, torch.cat([model_input] * 2), torch.cat([timestep] * 2), cond, guidance_scale
         ).float()
         uncond_out, cond_out = output.chunk(2)
-        return uncond_out + cfg_scale * (cond_out - uncond_out)
+        return self.combine_guidance(uncond_out, cond_out, cfg_scale)
+
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """
+        Mixes the negative- and positive-prompt predictions (float32) as the family's pipeline does:
+        `uncond + cfg_scale * (cond - uncond)`, unless a family's pipeline does more (Qwen-Image rescales the result).
+        """
+        return uncond + cfg_scale * (cond - uncond)
 
     # ----- noise, schedule, decoding --------------------------------------------------------------------------------
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:

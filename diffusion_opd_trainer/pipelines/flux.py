@@ -20,7 +20,8 @@ class FluxFamily(PipelineFamily):
     guidance embedding (`guidance_embeds=False`) and ignores it, as the pipeline does. True classifier-free guidance
     with a negative prompt is the pipeline's `true_cfg_scale`, given here to the family:
     `rollout(FluxFamily(pipe, true_cfg_scale=4.0), prompts, negative_prompt="...")` samples as
-    `pipe(prompts, true_cfg_scale=4.0, negative_prompt="...")` (the trainers wrap the pipeline with the default 1).
+    `pipe(prompts, true_cfg_scale=4.0, negative_prompt="...")`; the trainers take it as their config's
+    `true_cfg_scale` (default 1: off).
 
     Rollouts keep the latents *unpacked*, `(B, C, H / 8, W / 8)` as the VAE sees them, so that the kernels, the
     trajectories and the trainers are the same as for every other family; they are packed into the transformer's
@@ -62,7 +63,11 @@ class FluxFamily(PipelineFamily):
         return targets
 
     def cfg_scale(self, guidance_scale: float) -> float:
-        return self.true_cfg_scale  # `guidance_scale` is embedded, not CFG
+        # `guidance_scale` is embedded, not CFG. The pipeline runs true CFG only above 1.
+        return self.true_cfg_scale if self.true_cfg_scale > 1 else 1.0
+
+    def set_true_cfg_scale(self, scale: float) -> None:
+        self.true_cfg_scale = float(scale)
 
     def _encode(self, prompts: list[str], max_sequence_length: Optional[int]) -> dict[str, torch.Tensor]:
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(

@@ -1,0 +1,195 @@
+"""The SDXL family: parity with `StableDiffusionXLPipeline`, training, saving, teachers, the scheduler error.
+
+Guidance semantics (SDXL): `guidance_scale`, in `rollout`, `PipelineFamily.predict` and the trainers' configs, is the
+pipeline's classifier-free guidance scale (1 disables it: one forward, no negative prompt). For an LCM-style UNet with
+a guidance embedding (`time_cond_proj_dim`) it is the embedded guidance and no CFG runs, as in the pipeline. The
+library's default negative prompt `""` is the pipeline's default (no negative prompt): all-zero negative conditioning
+with `force_zeros_for_empty_prompt`, the released configs' setting. The kernel is DDIM with eta = noise level.
+"""
+
+import shutil
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
+from diffusion_opd_trainer.pipelines import get_family
+from diffusion_opd_trainer.rollout import rollout
+from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sdxl_pipeline
+
+
+PROMPTS = ["a red circle", "two blue squares", "a photo of a cat"]
+
+
+def brightness(prompts, images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def pipeline_images(pipe, prompts, seed=0, steps=4, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="pt", **kwargs).images
+
+
+def ode_images(pipe, prompts, seed=0, steps=4, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    return rollout(
+        pipe, prompts, num_inference_steps=steps, noise_level=0.0, generator=generator, decode=True, **kwargs
+    ).images
+
+
+def test_tiny_sdxl_pipeline_builds_fast_offline_and_deterministic():
+    start = time.process_time()  # CPU time: the wall clock of a shared machine says little
+    pipe = tiny_sdxl_pipeline(seed=1)
+    assert time.process_time() - start < 1.0
+    for (name, p), q in zip(pipe.unet.named_parameters(), tiny_sdxl_pipeline(seed=1).unet.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_sdxl_ode_rollout_gives_the_pipelines_images(guidance_scale):
+    """DDIM at eta 0 = the pipeline's sampler; no negative prompt on either side (zeros with CFG)."""
+    pipe = tiny_sdxl_pipeline()
+    expected = pipeline_images(pipe, PROMPTS, guidance_scale=guidance_scale)
+    got = ode_images(pipe, PROMPTS, guidance_scale=guidance_scale)
+    assert got.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_sdxl_negative_prompt_and_guidance_embedding_give_the_pipelines_images():
+    pipe = tiny_sdxl_pipeline()
+    expected = pipeline_images(pipe, PROMPTS, guidance_scale=5.0, negative_prompt="text")
+    got = ode_images(pipe, PROMPTS, guidance_scale=5.0, negative_prompt="text")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert (got - ode_images(pipe, PROMPTS, guidance_scale=5.0)).abs().max() > 1e-4  # "" is not "text"
+    lcm = tiny_sdxl_pipeline(time_cond_proj_dim=8)
+    assert get_family(lcm).cfg_scale(5.0) == 1.0  # embedded: no CFG forward
+    torch.testing.assert_close(
+        ode_images(lcm, PROMPTS, guidance_scale=5.0),
+        pipeline_images(lcm, PROMPTS, guidance_scale=5.0),
+        rtol=0,
+        atol=1e-4,
+    )
+
+
+def test_sdxl_sde_rollout_has_finite_log_probs():
+    trajectory = rollout(
+        tiny_sdxl_pipeline(),
+        PROMPTS,
+        num_inference_steps=4,
+        noise_level=0.7,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert trajectory.latents.shape == (3, 5, 4, 16, 16)
+    assert trajectory.log_probs.shape == (3, 4) and torch.isfinite(trajectory.log_probs).all()
+
+
+def test_sdxl_default_lora_targets_cover_every_attention_projection():
+    from peft import LoraConfig
+
+    family = get_family(tiny_sdxl_pipeline())
+    unet = family.denoiser
+    unet.add_adapter(LoraConfig(r=2, target_modules=family.lora_target_modules(ffn=True)))
+    covered = {name.rsplit(".lora_A", 1)[0] for name, _ in unet.named_parameters() if ".lora_A." in name}
+    blocks = {name.rsplit(".", 1)[0] for name, _ in unet.named_modules() if name.endswith(".attn1")}
+    attention = {
+        f"{b}.{a}.{p}" for b in blocks for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")
+    }
+    ffn = {f"{b}.ff.{p}" for b in blocks for p in ("net.0.proj", "net.2")}
+    assert covered == attention | ffn
+    assert len(blocks) == 4  # the down, mid and two up transformer blocks: self- and cross-attention in each
+    unet.delete_adapters(["default"])
+    unet.add_adapter(LoraConfig(r=2, target_modules=family.lora_target_modules()))
+    assert {name.rsplit(".lora_A", 1)[0] for name, _ in unet.named_parameters() if ".lora_A." in name} == attention
+
+
+def test_sdxl_euler_scheduler_is_a_clear_error_before_training(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(TypeError, match="EulerDiscreteScheduler.*DDIMScheduler.from_config"):
+        grpo_trainer(tmp_path, pipe)
+
+
+def grpo_trainer(tmp_path, pipe, **overrides):
+    values = dict(
+        TINY_TRAINING_ARGS,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        beta=0.0,
+        guidance_scale=5.0,
+    )
+    values.update(overrides)
+    return DiffusionGRPOTrainer(
+        pipe,
+        reward_funcs=brightness,
+        args=DiffusionGRPOConfig(**values),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+    )
+
+
+def test_sdxl_grpo_trains_two_steps_and_the_saved_lora_loads_in_the_pipeline(tmp_path):
+    trainer = grpo_trainer(tmp_path, tiny_sdxl_pipeline())
+    trainer.train()
+    assert trainer.state.global_step == 2
+    trainer.save_model(str(tmp_path / "lora"))
+    trained = ode_images(trainer.pipeline, PROMPTS, guidance_scale=5.0)
+    fresh = tiny_sdxl_pipeline()
+    base = pipeline_images(fresh, PROMPTS, guidance_scale=5.0)
+    StableDiffusionXLPipeline.load_lora_weights(fresh, str(tmp_path / "lora"))
+    reloaded = pipeline_images(fresh, PROMPTS, guidance_scale=5.0)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
+    assert (reloaded - base).abs().max() > 1e-5
+
+
+def test_sdxl_grpo_with_the_configs_default_kernel_settings(tmp_path):
+    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
+    trainer = grpo_trainer(
+        tmp_path, tiny_sdxl_pipeline(), **{k: getattr(defaults, k) for k in ("noise_level", "beta", "kl_scaling")}
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
+
+
+def test_sdxl_opd_with_peft_diffusers_and_hub_teachers(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    pipe = tiny_sdxl_pipeline()
+    peft_dir = save_random_lora(pipe, tmp_path / "peft", "peft", seed=1, std=0.3)
+    diffusers_dir = save_random_lora(pipe, tmp_path / "diffusers", "diffusers", seed=2, std=0.3)
+    commit = "c" * 40
+    repo = tmp_path / "hub" / "models--user--sdxl-teachers"
+    shutil.copytree(peft_dir, repo / "snapshots" / commit / "ocr")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    teachers = {
+        "a": peft_dir,
+        "b": f"{diffusers_dir}/pytorch_lora_weights.safetensors",
+        "c": "user/sdxl-teachers/ocr@main",
+    }
+    args = DiffusionOPDConfig(
+        **dict(TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, guidance_scale=5.0)
+    )
+    prompts = ["a red circle", "two blue squares", "a cat"]
+    trainer = DiffusionOPDTrainer(
+        pipe, teachers=teachers, args=args, train_dataset=Dataset.from_dict({"prompt": prompts, "task": list("abc")})
+    )
+    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
+    trainer.train()
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert len(kls) == 2 and all(kl > 0 for kl in kls)
+    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
+    trainer.save_model(str(tmp_path / "student"))
+    fresh = tiny_sdxl_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "student"))
+    torch.testing.assert_close(
+        pipeline_images(fresh, PROMPTS[:2], guidance_scale=5.0),
+        ode_images(trainer.pipeline, PROMPTS[:2], guidance_scale=5.0),
+        rtol=0,
+        atol=1e-4,
+    )
