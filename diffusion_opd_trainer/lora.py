@@ -258,10 +258,19 @@ _PIPELINE_COMPONENTS = {"unet", "transformer", "prior", "text_encoder", "text_en
 # What a LoRA's module names say about the denoiser it was trained on, first match first. Names shared by several
 # architectures (SD3's and Flux's double-stream `transformer_blocks`) give the likeliest; the widths tell them apart.
 _ARCHITECTURE_MARKERS = (
+    # Z-Image names its attention `attention` and its FFN layers w1, w2, w3 (the other families: attn, attn1, ff).
+    ("attention.to_", "Z-Image (ZImageTransformer2DModel)"),
+    ("feed_forward.w", "Z-Image (ZImageTransformer2DModel)"),
+    # FLUX.2's single-stream blocks fuse q, k, v and the MLP input in one projection; Flux.1's keep them apart.
+    ("to_qkv_mlp_proj", "FLUX.2 (Flux2Transformer2DModel)"),
+    ("ff.linear_in", "FLUX.2 (Flux2Transformer2DModel)"),
     ("single_transformer_blocks.", "Flux.1 (FluxTransformer2DModel)"),
     ("x_embedder.", "Flux.1 (FluxTransformer2DModel)"),
     ("down_blocks.", "a UNet (UNet2DConditionModel: SD 1.x/2.x, SDXL)"),
     ("up_blocks.", "a UNet (UNet2DConditionModel: SD 1.x/2.x, SDXL)"),
+    # Qwen-Image's FFNs; its attention-only LoRAs have SD3's module names (their widths tell them apart).
+    ("img_mlp.", "Qwen-Image (QwenImageTransformer2DModel)"),
+    ("txt_mlp.", "Qwen-Image (QwenImageTransformer2DModel)"),
     ("transformer_blocks.", "SD3/SD3.5 (SD3Transformer2DModel; joint blocks only)"),
 )
 

@@ -1,8 +1,8 @@
 """Real-scale denoisers on the meta device: parameter counts of the base models and of their default LoRAs.
 
 No weights are downloaded or allocated: each denoiser is built from its public `transformer/config.json` values
-(written out here, source noted) under `accelerate.init_empty_weights`, and the family's default LoRA is attached to
-it there too, so the counts are exact and the whole table takes about a second and no memory.
+(SDXL's `unet/config.json`; written out here, source noted) under `accelerate.init_empty_weights`, and the family's
+default LoRA is attached to it there too, so the counts are exact and the whole table takes seconds and no memory.
 """
 
 from dataclasses import dataclass
@@ -11,6 +11,18 @@ from typing import Optional
 
 
 __all__ = ["REAL_SCALE_DENOISERS", "DenoiserSize", "denoiser_size", "size_table"]
+
+# What the FLUX.2 transformers share (the diffusers class defaults, as the released configs).
+_FLUX2_SHARED = dict(
+    patch_size=1,
+    in_channels=128,
+    attention_head_dim=128,
+    mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000,
+    eps=1e-6,
+    timestep_guidance_channels=256,
+)
 
 # The `transformer/config.json` of each checkpoint on the Hugging Face Hub (the `source` of each entry).
 REAL_SCALE_DENOISERS = {
@@ -68,6 +80,70 @@ REAL_SCALE_DENOISERS = {
             pooled_projection_dim=768,
             guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
+        ),
+    ),
+    "FLUX.2-dev": dict(
+        source="black-forest-labs/FLUX.2-dev/transformer/config.json",
+        class_name="Flux2Transformer2DModel",
+        family="Flux2Family",
+        config=dict(
+            _FLUX2_SHARED,
+            num_layers=8,
+            num_single_layers=48,
+            num_attention_heads=48,
+            joint_attention_dim=15360,
+            guidance_embeds=True,
+        ),
+    ),
+    "FLUX.2-klein-4B": dict(
+        source="black-forest-labs/FLUX.2-klein-4B/transformer/config.json",
+        class_name="Flux2Transformer2DModel",
+        family="Flux2Family",
+        config=dict(
+            _FLUX2_SHARED,
+            num_layers=5,
+            num_single_layers=20,
+            num_attention_heads=24,
+            joint_attention_dim=7680,
+            guidance_embeds=False,
+        ),
+    ),
+    "Qwen-Image": dict(
+        source="Qwen/Qwen-Image/transformer/config.json",
+        class_name="QwenImageTransformer2DModel",
+        family="QwenImageFamily",
+        config=dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=60,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3584,
+            guidance_embeds=False,
+            axes_dims_rope=(16, 56, 56),
+        ),
+    ),
+    "Z-Image-Turbo": dict(
+        source="Tongyi-MAI/Z-Image-Turbo/transformer/config.json",
+        class_name="ZImageTransformer2DModel",
+        family="ZImageFamily",
+        config=dict(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=3840,
+            n_layers=30,
+            n_refiner_layers=2,
+            n_heads=30,
+            n_kv_heads=30,
+            norm_eps=1e-5,
+            qk_norm=True,
+            cap_feat_dim=2560,
+            rope_theta=256.0,
+            t_scale=1000.0,
+            axes_dims=(32, 48, 48),
+            axes_lens=(1536, 512, 512),
         ),
     ),
     "SDXL": dict(

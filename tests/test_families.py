@@ -1,4 +1,5 @@
-"""Pipeline families beyond SD3: Flux.1 (dev and schnell) parity, training, saving, teachers, errors; defaults on all.
+"""Pipeline families beyond SD3: Flux.1 (dev and schnell) parity, training, saving, teachers, errors; defaults on all;
+the real-scale sizes of every family. SDXL, Qwen-Image, Z-Image and FLUX.2 have a test module each.
 
 Guidance semantics (Flux): `guidance_scale`, in `rollout`, `PipelineFamily.predict` and the trainers' configs, means
 what it means in `FluxPipeline.__call__`. For Flux.1-dev (a guidance-distilled model, `guidance_embeds=True`) it is
@@ -249,7 +250,9 @@ def test_unsupported_pipeline_is_a_type_error_naming_the_families(tmp_path):
         pass
 
     with pytest.raises(
-        TypeError, match="OtherPipeline.*StableDiffusion3Pipeline.*FluxPipeline.*StableDiffusionPipeline"
+        TypeError,
+        match="OtherPipeline.*StableDiffusion3Pipeline.*FluxPipeline.*StableDiffusionXLPipeline.*QwenImagePipeline"
+        ".*ZImagePipeline.*Flux2Pipeline.*Flux2KleinPipeline",
     ):
         grpo_trainer(tmp_path, OtherPipeline())
 
@@ -264,16 +267,34 @@ def test_teacher_lora_of_another_family_names_task_source_and_both_architectures
 
 
 # ----- real scale, on the meta device --------------------------------------------------------------------------------
-def test_real_scale_denoisers_and_default_loras_on_the_meta_device():
-    """SD3.5-Medium and Flux.1-dev from their public configs: no weight allocated, exact parameter counts."""
-    from diffusion_opd_trainer.model_sizes import denoiser_size, size_table
+# Base parameters and default-LoRA layers of every released model in `model_sizes` (its public config, meta device).
+REAL_SCALE = {
+    "SD3.5-Medium": (2_243_171_520, 243),  # 24 joint blocks x 7 or 8 projections + 13 second attentions x 4
+    "SD3.5-Large": (8_056_627_520, 303),  # 38 joint blocks x 8, but the last block's to_add_out
+    "Flux.1-dev": (11_901_408_320, 266),  # "12B": 19 double-stream blocks x 8 + 38 single-stream x 3 (q, k, v)
+    "FLUX.2-dev": (32_223_281_152, 112),  # "32B": 8 double-stream blocks x 8 + 48 single-stream fused qkv-mlp
+    "FLUX.2-klein-4B": (3_875_544_576, 60),  # 5 x 8 + 20
+    "Qwen-Image": (20_430_401_088, 480),  # "20B": 60 dual-stream blocks x 8
+    "Z-Image-Turbo": (6_154_908_736, 136),  # "6B": (30 layers + 2 x 2 refiners) x 4
+    "SDXL": (2_567_463_684, 560),  # 70 transformer blocks x 2 attentions x 4
+}
 
-    sd35, flux = denoiser_size("SD3.5-Medium"), denoiser_size("Flux.1-dev")
-    assert sd35.devices == flux.devices == ["meta"]
-    assert sd35.base_params == 2_243_171_520 and flux.base_params == 11_901_408_320  # Flux.1: "12B"
-    # r32 on a d x d projection: 32 * 2d. SD3.5-M (d 1536): 24 joint blocks x 7 (+ to_add_out but in the last
-    # block) + 13 second attentions x 4 = 243 layers. Flux (d 3072): 19 double blocks x 8 + 38 single blocks x 3.
-    assert (sd35.lora_layers, sd35.lora_params) == (243, 243 * 32 * 2 * 1536)
-    assert (flux.lora_layers, flux.lora_params) == (266, 266 * 32 * 2 * 3072)
-    assert round(flux.teacher_bf16_mib, 1) == 99.8 and round(sd35.teacher_bf16_mib, 1) == 45.6
-    assert "| Flux.1-dev | 11.901 B | 22.17 GiB | 266 | 52.30 M | 99.8 MiB |" in size_table(sizes=[sd35, flux])
+
+def test_real_scale_denoisers_and_default_loras_on_the_meta_device():
+    """Every released model of the families table: no weight allocated, exact parameter counts."""
+    from diffusion_opd_trainer.model_sizes import REAL_SCALE_DENOISERS, denoiser_size, size_table
+
+    assert set(REAL_SCALE_DENOISERS) == set(REAL_SCALE)
+    sizes = {name: denoiser_size(name) for name in REAL_SCALE}
+    for name, (base_params, lora_layers) in REAL_SCALE.items():
+        size = sizes[name]
+        assert size.devices == ["meta"], name
+        assert (size.base_params, size.lora_layers) == (base_params, lora_layers), name
+    # r32 on a d x d projection: 32 * 2d (SD3.5-Medium d 1536, Flux.1-dev d 3072).
+    assert sizes["SD3.5-Medium"].lora_params == 243 * 32 * 2 * 1536
+    assert sizes["Flux.1-dev"].lora_params == 266 * 32 * 2 * 3072
+    assert (
+        round(sizes["Flux.1-dev"].teacher_bf16_mib, 1) == 99.8
+        and round(sizes["SD3.5-Medium"].teacher_bf16_mib, 1) == 45.6
+    )
+    assert "| Flux.1-dev | 11.901 B | 22.17 GiB | 266 | 52.30 M | 99.8 MiB |" in size_table(sizes=list(sizes.values()))

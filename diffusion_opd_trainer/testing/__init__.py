@@ -2,8 +2,9 @@
 
 Everything here is built from configs with random (seeded) weights and deterministic, locally made word-level
 tokenizers: nothing is downloaded, and each pipeline builds in well under a second. The pipelines are the real
-diffusers classes (`StableDiffusion3Pipeline`, `FluxPipeline`, `StableDiffusionPipeline`), so every code path that
-serves SD3.5, Flux.1 or SD 1.5 runs on them unchanged.
+diffusers classes (`StableDiffusion3Pipeline`, `FluxPipeline`, `StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+and, in this package's submodules, `QwenImagePipeline`, `Flux2KleinPipeline` / `Flux2Pipeline` and `ZImagePipeline`),
+so every code path that serves the real models runs on them unchanged.
 """
 
 import contextlib
@@ -21,7 +22,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .quiet import quiet_pipeline_imports
+from ..quiet import quiet_pipeline_imports
 
 
 with quiet_pipeline_imports():  # the first import of diffusers' pipeline classes
@@ -54,6 +55,18 @@ __all__ = [
     "tiny_sd3_transformer",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    # testing/tokenizers.py, flux2.py, qwen_image.py, z_image.py
+    "QWEN3_CHAT_TEMPLATE",
+    "QWEN_TEMPLATE_WORDS",
+    "build_mistral3_tokenizer",
+    "build_qwen2_tokenizer",
+    "tiny_flux2_klein_pipeline",
+    "tiny_flux2_pipeline",
+    "tiny_flux2_transformer",
+    "tiny_qwen2_5_vl_config",
+    "tiny_qwen_image_pipeline",
+    "tiny_qwen_image_transformer",
+    "tiny_z_image_pipeline",
 ]
 
 # A seconds-long training run on the tiny pipelines (the tests' settings; add the method's own, e.g. batch sizes).
@@ -583,7 +596,7 @@ def save_random_lora(
 
     from peft import LoraConfig, get_peft_model
 
-    from .lora import DEFAULT_TARGET_MODULES, adapter_state_dict
+    from ..lora import DEFAULT_TARGET_MODULES, adapter_state_dict
 
     name = "transformer" if hasattr(pipeline, "transformer") else "unet"
     denoiser = copy.deepcopy(getattr(pipeline, name))
@@ -616,3 +629,20 @@ def save_random_lora(
         **{f"{name}_lora_layers": adapter_state_dict(denoiser), f"{name}_lora_adapter_metadata": metadata},
     )
     return str(path)
+
+
+# The families whose text encoders are language models, one module each (they use the helpers above).
+from .flux2 import (  # noqa: E402
+    build_mistral3_tokenizer,
+    tiny_flux2_klein_pipeline,
+    tiny_flux2_pipeline,
+    tiny_flux2_transformer,
+)
+from .qwen_image import (  # noqa: E402
+    QWEN_TEMPLATE_WORDS,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen_image_pipeline,
+    tiny_qwen_image_transformer,
+)
+from .tokenizers import QWEN3_CHAT_TEMPLATE, build_qwen2_tokenizer  # noqa: E402
+from .z_image import tiny_z_image_pipeline  # noqa: E402
