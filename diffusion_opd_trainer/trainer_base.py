@@ -36,6 +36,7 @@ from .lora import (
     lora_parameters,
     nonfinite_keys,
 )
+from .memory import estimate_memory
 from .pipelines import PipelineFamily, PromptEmbeddings, get_family
 from .progress import StepPhaseCallback, report_phase
 from .prompt_sampler import PromptSampler, RolloutBuffer
@@ -570,11 +571,24 @@ class DiffusionTrainerBase(Trainer):
             problems = checkpoint_problems(resume_from_checkpoint, PEFT_WEIGHT_NAME)
             if problems:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        if self.accelerator.is_main_process:
+            self.log_memory_estimate()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint or None,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
         )
+
+    def log_memory_estimate(self):
+        """Logs [`~memory.estimate_memory`]'s table for this run (one process's accelerator memory, by part)."""
+        estimate = estimate_memory(
+            self.pipeline,
+            self.args,
+            num_teachers=len(getattr(self, "teachers", None) or {}),
+            resolution=self.image_size[0],
+        )
+        logger.info("Memory estimate of one training process:\n%s", estimate.table())
+        return estimate
 
     def _get_output_dir(self, trial) -> str:
         staging = getattr(self, "_staging_dir", None)
