@@ -121,7 +121,13 @@ class TableConfig:
             The periodic evaluations that draw the reward-versus-compute curves (and any tuning) use them, so that the
             test prompts are only used for the table.
         curve_points (`int`, defaults to 4):
-            Evaluations per training run for the curves (plus the base model at zero compute).
+            Evaluations per training run for the curves (plus the base model at zero compute): multi-task GRPO's and
+            the distillations', whose curves the compute claims read.
+        teacher_curve_points (`int`, defaults to 1):
+            Evaluations per teacher run: the final one is what the curves' normalised average divides by; more only
+            draw the teachers' curves in the plot (each costs about 20 s of a two-core machine's time).
+        cascade_curve_points (`int`, defaults to 1):
+            Evaluations per phase of cascade GRPO (1: at the end of each task's phase, which shows the forgetting).
         eval_seed (`int`, defaults to 0):
             Base seed of the evaluation noise (image `i` of a task starts from the noise of seed `eval_seed + i`).
         eval_num_inference_steps (`int`), eval_guidance_scale (`float`), eval_batch_size (`int`):
@@ -163,6 +169,8 @@ class TableConfig:
     eval_prompts_per_task: Optional[int] = None
     curve_prompts_per_task: int = 48
     curve_points: int = 4
+    teacher_curve_points: int = 1
+    cascade_curve_points: int = 1
     eval_seed: int = 0
     eval_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     eval_guidance_scale: float = DEFAULT_GUIDANCE_SCALE
@@ -184,7 +192,7 @@ class TableConfig:
     grpo_per_prompt_stat_tracking: bool = False
     grpo_timestep_fraction: float = 0.99
     grpo_share_initial_noise: bool = False
-    teacher_steps: int = 20
+    teacher_steps: int = 32
     multitask_steps: Optional[int] = None
     cascade_steps_per_task: Optional[int] = None
     opd_learning_rate: float = 1e-3
@@ -202,7 +210,7 @@ class TableConfig:
         if self.cascade_steps_per_task is None:
             self.cascade_steps_per_task = math.ceil(self.multitask_steps / len(TASKS))
         steps = (self.teacher_steps, self.multitask_steps, self.cascade_steps_per_task, self.opd_steps)
-        if min(steps) < 1 or self.curve_points < 1:
+        if min(steps) < 1 or min(self.curve_points, self.teacher_curve_points, self.cascade_curve_points) < 1:
             raise ValueError(f"Every stage needs at least one step and one curve point; got steps {steps}.")
         if self.opd_sde_noise_level <= 0:
             # Noise level 0 is the ODE distillation, which is always in the table.
@@ -656,9 +664,14 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run_trainer(trainer, counter: ForwardCounter, config: TableConfig, curve: list, phase: str, steps: int) -> None:
-    """Trains with the forward hook and the curve callback attached; the clock runs during `train()` only."""
-    every = max(1, math.ceil(steps / config.curve_points))
+def _run_trainer(
+    trainer, counter: ForwardCounter, config: TableConfig, curve: list, phase: str, steps: int, points: int
+) -> None:
+    """
+    Trains with the forward hook and the curve callback (`points` evaluations) attached; the clock runs during
+    `train()` only.
+    """
+    every = max(1, math.ceil(steps / points))
     trainer.add_callback(_CurveCallback(trainer.pipeline, config, counter, every, curve, phase))
     # The Trainer prints every log entry (progress bar's `write`, or PrinterCallback without bars): keep the bar only.
     trainer.pop_callback(PrinterCallback)
@@ -677,6 +690,8 @@ def _run_trainer(trainer, counter: ForwardCounter, config: TableConfig, curve: l
 _CURVE_KEYS = [
     "curve_prompts_per_task",
     "curve_points",
+    "teacher_curve_points",
+    "cascade_curve_points",
     "eval_seed",
     "eval_num_inference_steps",
     "eval_guidance_scale",
@@ -786,7 +801,7 @@ def train_teacher(config: TableConfig, task: str, force: bool = False, show_prog
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
         trainer = _grpo_trainer(config, stage_dir, (task,), config.teacher_steps, show_progress)
-        _run_trainer(trainer, counter, config, curve, task, config.teacher_steps)
+        _run_trainer(trainer, counter, config, curve, task, config.teacher_steps, config.teacher_curve_points)
         trainer.save_model(str(stage_dir / LORA_SUBDIR))
         log_history.extend(trainer.state.log_history)
         return trainer.state.global_step
@@ -808,7 +823,7 @@ def train_multitask_grpo(config: TableConfig, force: bool = False, show_progress
 
     def train(stage_dir: Path, counter, curve, log_history) -> int:
         trainer = _grpo_trainer(config, stage_dir, TASKS, config.multitask_steps, show_progress)
-        _run_trainer(trainer, counter, config, curve, "multi-task", config.multitask_steps)
+        _run_trainer(trainer, counter, config, curve, "multi-task", config.multitask_steps, config.curve_points)
         trainer.save_model(str(stage_dir / LORA_SUBDIR))
         log_history.extend(trainer.state.log_history)
         return trainer.state.global_step
@@ -839,7 +854,8 @@ def train_cascade_grpo(config: TableConfig, force: bool = False, show_progress: 
                 load_adapter_weights(
                     trainer.unwrapped_denoiser, state_dict, STUDENT_ADAPTER, f"Cascade LoRA {previous}"
                 )
-            _run_trainer(trainer, counter, config, curve, task, config.cascade_steps_per_task)
+            steps = config.cascade_steps_per_task
+            _run_trainer(trainer, counter, config, curve, task, steps, config.cascade_curve_points)
             total_steps += trainer.state.global_step
             log_history.extend({**entry, "phase": task} for entry in trainer.state.log_history)
             previous = phase_dir / LORA_SUBDIR
@@ -881,7 +897,7 @@ def distill(
             train_dataset=_train_set(config, tuple(teachers)),
             peft_config=_lora_config(config),
         )
-        _run_trainer(trainer, counter, config, curve, name, config.opd_steps)
+        _run_trainer(trainer, counter, config, curve, name, config.opd_steps, config.curve_points)
         if not all(trainer.teachers_unchanged().values()):
             raise RuntimeError("A teacher's weights changed during distillation.")
         trainer.save_model(str(stage_dir / LORA_SUBDIR))
