@@ -193,3 +193,17 @@ def test_sdxl_opd_with_peft_diffusers_and_hub_teachers(tmp_path, monkeypatch):
         rtol=0,
         atol=1e-4,
     )
+
+
+def test_an_sdxl_unet_lora_given_to_a_transformer_names_both_architectures(tmp_path):
+    from diffusion_opd_trainer.testing import tiny_sd3_pipeline
+
+    lora = save_random_lora(tiny_sdxl_pipeline(), tmp_path / "sdxl_lora", "diffusers")
+    args = DiffusionOPDConfig(
+        **dict(TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=2)
+    )
+    dataset = Dataset.from_dict({"prompt": ["a red circle", "a cat"], "task": ["ocr", "ocr"]})
+    with pytest.raises(
+        ValueError, match=r"task 'ocr'.*sdxl_lora.*a UNet \(UNet2DConditionModel.*SDXL\).*SD3Transformer2DModel"
+    ):
+        DiffusionOPDTrainer(tiny_sd3_pipeline(), teachers={"ocr": lora}, args=args, train_dataset=dataset)
