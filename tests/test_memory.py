@@ -8,8 +8,9 @@ import torch
 from datasets import Dataset
 
 from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from diffusion_opd_trainer.estimate import main
 from diffusion_opd_trainer.lora import default_lora_config
-from diffusion_opd_trainer.memory import ACTIVATION_CALIBRATION, estimate_memory, main, saved_activation_bytes
+from diffusion_opd_trainer.memory import ACTIVATION_CALIBRATION, estimate_memory, saved_activation_bytes
 from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, tiny_sd3_pipeline, tiny_sd3_transformer, tiny_sd_pipeline
 
 
