@@ -3,6 +3,7 @@
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -14,6 +15,24 @@ def peak_rss_mib() -> float:
 
 def load_average() -> float:
     return os.getloadavg()[0]
+
+
+def load_averages() -> str:
+    """The 1, 5 and 15 minute load averages, to print beside timings (with more than one per core they are noise)."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
+
+
+def median_and_spread(values: list[float]) -> dict:
+    """The median of repeated timings, their range (min, max) and the relative spread `(max - min) / median`."""
+    median = statistics.median(values)
+    return {
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "spread": (max(values) - min(values)) / median,
+        "n": len(values),
+    }
 
 
 def run_isolated(module: str, *args: str) -> dict:

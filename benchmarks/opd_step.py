@@ -5,6 +5,16 @@
 Each configuration runs in its own process (peak resident memory is a per-process high-water mark). "0 teachers" is
 the same step with the base model (adapters disabled) as the teacher: the cost of the method without any teacher
 adapter. Runs on the tiny SD3 pipeline (4 layers) on CPU, or the GPU when there is one. Measure on a quiet machine.
+
+    python -m benchmarks.opd_step --teacher_scaling [--repeats 5] [--width 384] [--layers 4] [--resolution 64]
+
+How the fused step's time grows with the number of teachers in a batch (1, 2, 4; the teacher pass is one batched
+forward, see `targets.teacher_means`), at a compute-bound size: the tiny SD3 pipeline with a wider transformer
+(about 20M parameters at the defaults, printed). One process, one trainer holding 4 teachers; the configurations are
+interleaved (1 2 4 1 2 4 ...) after one warm-up step each, so that a change of machine load hits them all alike, and
+each is reported as the median and range of its step times, with its teacher pass's share (and on the CPU the
+process' CPU seconds per step, which a busy machine inflates far less than wall time), beside the load average.
+`--compare_per_task` adds 2 and 4 teachers run with one teacher forward per task (the unbatched pass) to the rotation.
 """
 
 import argparse
@@ -15,12 +25,54 @@ import time
 
 import torch
 from datasets import Dataset
+from diffusers import StableDiffusion3Pipeline
 from peft import LoraConfig
 
-from benchmarks._common import load_average, peak_rss_mib, run_isolated
+from benchmarks._common import load_average, load_averages, median_and_spread, peak_rss_mib, run_isolated
 from diffusion_opd_trainer import DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.lora import DEFAULT_TARGET_MODULES, lora_parameters
-from diffusion_opd_trainer.testing import DEFAULT_WORDS, save_random_lora, tiny_sd3_pipeline
+from diffusion_opd_trainer.testing import (
+    DEFAULT_WORDS,
+    save_random_lora,
+    seeded,
+    tiny_sd3_pipeline,
+    tiny_sd3_transformer,
+)
+
+
+PROMPTS = [" ".join(DEFAULT_WORDS[i : i + 3]) for i in range(0, 40, 2)]
+
+
+def make_trainer(pipe, num_teachers: int, tmp: str, args, max_steps: int = 1) -> DiffusionOPDTrainer:
+    """An OPD trainer (ODE, CFG 4.5, LoRA r32) with `num_teachers` random teachers, the prompts' tasks in turn."""
+    tasks = [f"task{i % num_teachers}" for i in range(len(PROMPTS))]
+    teachers = {
+        f"task{i}": save_random_lora(pipe, f"{tmp}/t{i}", "peft", r=32, lora_alpha=64, seed=i, std=0.05)
+        for i in range(num_teachers)
+    }
+    config = DiffusionOPDConfig(
+        output_dir=tmp,
+        per_device_train_batch_size=args.batch,
+        num_inference_steps=args.inference_steps,
+        guidance_scale=4.5,
+        noise_level=0.0,
+        rollout_schedule=args.schedule,
+        max_steps=max_steps,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        log_level="error",
+    )
+    return DiffusionOPDTrainer(
+        pipe,
+        teachers=teachers,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS, "task": tasks}),
+        peft_config=LoraConfig(
+            r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=DEFAULT_TARGET_MODULES["transformer"]
+        ),
+    )
 
 
 def child(args) -> dict:
@@ -28,37 +80,8 @@ def child(args) -> dict:
     pipe = tiny_sd3_pipeline(num_layers=4)
     if torch.cuda.is_available():
         pipe.to("cuda")
-    num_teachers = max(1, args.teachers)
-    prompts = [" ".join(DEFAULT_WORDS[i : i + 3]) for i in range(0, 40, 2)]
-    tasks = [f"task{i % num_teachers}" for i in range(len(prompts))]
     with tempfile.TemporaryDirectory() as tmp:
-        teachers = {
-            f"task{i}": save_random_lora(pipe, f"{tmp}/t{i}", "peft", r=32, lora_alpha=64, seed=i, std=0.05)
-            for i in range(num_teachers)
-        }
-        config = DiffusionOPDConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=args.batch,
-            num_inference_steps=args.inference_steps,
-            guidance_scale=4.5,
-            noise_level=0.0,
-            rollout_schedule=args.schedule,
-            max_steps=args.steps,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            disable_tqdm=True,
-            log_level="error",
-        )
-        trainer = DiffusionOPDTrainer(
-            pipe,
-            teachers=teachers,
-            args=config,
-            train_dataset=Dataset.from_dict({"prompt": prompts, "task": tasks}),
-            peft_config=LoraConfig(
-                r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=DEFAULT_TARGET_MODULES["transformer"]
-            ),
-        )
+        trainer = make_trainer(pipe, max(1, args.teachers), tmp, args, max_steps=args.steps)
         denoiser = trainer.unwrapped_denoiser
         if args.teachers == 0:
             # The base model as the teacher: no teacher adapter in memory.
@@ -89,6 +112,109 @@ def child(args) -> dict:
     return result
 
 
+def compute_bound_pipeline(width: int, layers: int, resolution: int) -> StableDiffusion3Pipeline:
+    """The tiny SD3 pipeline (its text encoders and VAE) with a transformer of `width` (64-wide heads) and `layers`."""
+    pipe = tiny_sd3_pipeline(resolution=resolution)
+    with seeded(0):
+        transformer = tiny_sd3_transformer(
+            resolution // 2, layers, num_attention_heads=width // 64, attention_head_dim=64
+        ).eval()
+    pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def teacher_scaling(args) -> None:
+    """The fused step's seconds with 1, 2 and 4 teachers in the batch, interleaved (see the module docstring)."""
+    torch.set_num_threads(args.threads)
+    pipe = compute_bound_pipeline(args.width, args.layers, args.resolution)
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    size = sum(p.numel() for p in pipe.transformer.parameters())
+    configs = [(1, True), (2, True), (4, True)]
+    if args.compare_per_task:
+        configs += [(2, False), (4, False)]
+    with tempfile.TemporaryDirectory() as tmp:
+        args.schedule = "fused"
+        trainer = make_trainer(pipe, 4, tmp, args)
+        model = trainer.model
+        model.train()
+        embeds = trainer.encode(PROMPTS[: args.batch])
+        teacher_seconds = [0.0]
+        teacher_means = trainer.teacher_means
+
+        def timed_teacher_means(*inputs):
+            synchronize()
+            start = time.perf_counter()
+            means = teacher_means(*inputs)
+            synchronize()
+            teacher_seconds[0] += time.perf_counter() - start
+            return means
+
+        trainer.teacher_means = timed_teacher_means
+
+        def step(count: int, batched: bool) -> tuple[float, float, float]:
+            # The batch's rows take the teachers in turn (a mixed batch); the student's gradient is dropped.
+            tasks = [f"task{i % count}" for i in range(args.batch)]
+            trainer.batch_teacher_forwards = batched
+            model.zero_grad(set_to_none=True)
+            teacher_seconds[0] = 0.0
+            synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            trainer._fused_step(model, embeds, tasks)
+            synchronize()
+            return time.perf_counter() - start, teacher_seconds[0], time.process_time() - cpu_start
+
+        trained = len(trainer.args.trained_step_indices)
+        tokens = (args.resolution // pipe.vae_scale_factor // 2) ** 2  # 2x2 patches of the latents
+        print(
+            f"SD3 transformer of {size / 1e6:.1f}M parameters (width {args.width}, {args.layers} layers, "
+            f"{args.resolution}px: {tokens} image tokens), {args.batch} prompts/step, "
+            f"{args.inference_steps} ODE steps ({trained} trained), CFG 4.5, LoRA r32 student and teachers, "
+            f"{args.threads} threads, {'GPU' if torch.cuda.is_available() else 'CPU'}; {args.repeats} interleaved "
+            f"repeats after one warm-up step each",
+            flush=True,
+        )
+        print(f"load average before: {load_averages()}", flush=True)
+        for config in configs:
+            step(*config)
+        times = {config: [] for config in configs}
+        for _ in range(args.repeats):
+            for config in configs:
+                times[config].append(step(*config))
+    print(f"load average after: {load_averages()}")
+    # On the CPU, the process' CPU seconds too: a busy machine stretches wall time (time-slicing), far less CPU time.
+    cpu = not torch.cuda.is_available()
+    print(
+        "| teachers | teacher pass | s/step (median) | min - max | spread | teacher pass s/step | vs 1 teacher |"
+        + (" CPU s/step (median) | CPU vs 1 teacher |" if cpu else "")
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if cpu else ""))
+    medians = {
+        config: [median_and_spread([v[k] for v in values])["median"] for k in range(3)]
+        for config, values in times.items()
+    }
+    base = medians[(1, True)]
+    for (count, batched), values in times.items():
+        total = median_and_spread([value[0] for value in values])
+        median = medians[(count, batched)]
+        line = (
+            f"| {count} | {'batched' if batched else 'per task'} | {total['median']:.3f} | {total['min']:.3f} - "
+            f"{total['max']:.3f} | {100 * total['spread']:.0f}% | {median[1]:.3f} | {median[0] / base[0]:.2f}x |"
+        )
+        if cpu:
+            line += f" {median[2]:.3f} | {median[2] / base[2]:.2f}x |"
+        print(line)
+    ratio = medians[(4, True)][0] / base[0]
+    cpu_ratio = f", CPU time {medians[(4, True)][2] / base[2]:.2f}x" if cpu else ""
+    print(f"4 teachers / 1 teacher: {ratio:.2f}x{cpu_ratio} (goal: at most 1.15x)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -98,7 +224,16 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--inference_steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--teacher_scaling", action="store_true", help="1, 2, 4 teachers at a compute-bound size")
+    parser.add_argument("--repeats", type=int, default=5, help="--teacher_scaling: timed steps per configuration")
+    parser.add_argument("--width", type=int, default=384, help="--teacher_scaling: the transformer's width")
+    parser.add_argument("--layers", type=int, default=4, help="--teacher_scaling: the transformer's blocks")
+    parser.add_argument("--resolution", type=int, default=64, help="--teacher_scaling: the image size in pixels")
+    parser.add_argument("--compare_per_task", action="store_true", help="--teacher_scaling: add the unbatched pass")
     args = parser.parse_args()
+    if args.teacher_scaling:
+        teacher_scaling(args)
+        return
     if args.child:
         print(json.dumps(child(args)))
         return

@@ -3,7 +3,8 @@
 All adapters live on the one denoiser (PEFT layers injected by diffusers' `add_adapter`), so any number of teachers
 costs one base model in memory. PEFT's `set_adapter` marks only the active adapter trainable; every switch here goes
 through [`active_adapter`], which restores both the active adapter and the `requires_grad` flags on exit, even on an
-exception, so a teacher pass never changes what trains.
+exception, so a teacher pass never changes what trains. [`mixed_adapters`] runs one forward with a different adapter
+per row (PEFT's mixed-adapter batches) without switching the active adapter at all.
 """
 
 import contextlib
@@ -11,11 +12,14 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -72,6 +76,21 @@ def _tuner_layers(denoiser: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def _adapter_state_restored(denoiser: torch.nn.Module, layers: list):
+    """Restores the layers' active adapters and enabled state and every LoRA parameter's `requires_grad` on exit."""
+    previous = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    requires_grad = [(p, p.requires_grad) for name, p in denoiser.named_parameters() if "lora_" in name]
+    try:
+        yield
+    finally:
+        for layer, names, disabled in previous:
+            layer.enable_adapters(not disabled)
+            layer.set_adapter(names)
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def active_adapter(denoiser: torch.nn.Module, adapter_name: Optional[str]):
     """
     Runs the block with `adapter_name` as the denoiser's only active adapter (`None`: all adapters disabled, i.e. the
@@ -84,9 +103,7 @@ def active_adapter(denoiser: torch.nn.Module, adapter_name: Optional[str]):
     layers = _tuner_layers(denoiser)
     if not layers:
         raise ValueError("The denoiser has no LoRA adapter to switch.")
-    previous = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
-    requires_grad = [(p, p.requires_grad) for name, p in denoiser.named_parameters() if "lora_" in name]
-    try:
+    with _adapter_state_restored(denoiser, layers):
         for layer in layers:
             if adapter_name is None:
                 layer.enable_adapters(False)
@@ -94,12 +111,92 @@ def active_adapter(denoiser: torch.nn.Module, adapter_name: Optional[str]):
                 layer.enable_adapters(True)
                 layer.set_adapter(adapter_name)
         yield
-    finally:
-        for layer, names, disabled in previous:
-            layer.enable_adapters(not disabled)
-            layer.set_adapter(names)
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
+
+
+# The placeholder PEFT's mixed-adapter batches read as "no adapter": the row runs the base weights.
+BASE_ROWS = "__base__"
+# The LoRA layer types whose forward takes `adapter_names` (PEFT's `_mixed_batch_forward`).
+_MIXED_BATCH_LAYERS = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
+
+
+class MixedAdapterBatchError(RuntimeError):
+    """
+    The denoiser cannot run a mixed-adapter batch: a LoRA layer of another type, a merged or DoRA adapter, or a LoRA
+    layer whose input rows are not the batch's (e.g. the tokens of every sample concatenated).
+    """
+
+
+def _route_rows(module, args, kwargs, adapter_names: list[str], name: str):
+    # A forward pre-hook: the layer's rows are the batch's, or under CFG its negative then positive halves
+    # (`PipelineFamily.predict`'s layout); anything else cannot be routed and must not be guessed.
+    x = args[0] if args else next(iter(kwargs.values()))
+    rows = x.shape[0]
+    if rows == len(adapter_names):
+        kwargs["adapter_names"] = adapter_names
+    elif rows == 2 * len(adapter_names):
+        kwargs["adapter_names"] = adapter_names + adapter_names
+    else:
+        raise MixedAdapterBatchError(
+            f"the LoRA layer {name!r} sees {rows} input rows, neither the batch's {len(adapter_names)} nor the CFG "
+            f"batch's {2 * len(adapter_names)}"
+        )
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def mixed_adapters(denoiser: torch.nn.Module, adapter_names: Sequence[Optional[str]]):
+    """
+    Runs the block's denoiser forwards with a different adapter per row: row `i` (and, in a CFG forward of twice the
+    rows, row `i` of each half) runs only `adapter_names[i]` (`None`: the base weights), as if it were the only
+    active adapter. This is PEFT's mixed-adapter batch (`adapter_names` passed to every LoRA layer, as
+    `PeftModel`'s `_enable_peft_forward_hooks` does), here through forward pre-hooks on the denoiser's LoRA layers,
+    since diffusers' models do not pass `adapter_names` down. The active adapter is not switched, so the student's
+    trainability is untouched; disabled layers are enabled for the block and every flag is restored on exit.
+
+    Meant for no-grad passes (PEFT's mixed batches are an inference feature: each adapter's rows are gathered, its
+    LoRA output added back to them). A layer's rows are taken for the batch's by their number alone: a layer whose
+    input folds the batch into another dimension (tokens of all samples concatenated) is refused unless its row count
+    happens to be the batch's or twice it.
+
+    Args:
+        denoiser (`torch.nn.Module`): the (unwrapped) denoiser carrying the adapters.
+        adapter_names (`Sequence[str or None]`): each row's adapter.
+
+    Raises:
+        [`MixedAdapterBatchError`]: on entry when a LoRA layer cannot run mixed batches (its type, a merged or DoRA
+        adapter), in a forward when a LoRA layer's input rows are not the batch's; the caller runs one forward per
+        adapter instead.
+    """
+    names = [BASE_ROWS if name is None else name for name in adapter_names]
+    layers = [(name, module) for name, module in denoiser.named_modules() if isinstance(module, LoraLayer)]
+    if not layers:
+        raise ValueError("The denoiser has no LoRA adapter to run.")
+    known = set().union(*(layer.lora_A.keys() | layer.lora_embedding_A.keys() for _, layer in layers))
+    unknown = sorted(set(names) - known - {BASE_ROWS})
+    if unknown:
+        raise ValueError(f"The denoiser has no adapter(s) {unknown}.")
+    for name, layer in layers:
+        if not isinstance(layer, _MIXED_BATCH_LAYERS):
+            raise MixedAdapterBatchError(f"the LoRA layer {name!r} ({type(layer).__name__}) takes no mixed batch")
+        if layer.merged:
+            raise MixedAdapterBatchError(f"the LoRA layer {name!r} has merged adapters")
+        if any(layer.use_dora.get(adapter, False) for adapter in set(names)):
+            raise MixedAdapterBatchError(f"the LoRA layer {name!r} has a DoRA adapter")
+    handles = []
+    # A disabled layer would run its base weights for every row: enabled for the block (PEFT's `enable_adapters`
+    # also marks the active adapter trainable, hence the restore). Nothing is switched otherwise.
+    disabled = [layer for _, layer in layers if layer.disable_adapters]
+    with _adapter_state_restored(denoiser, disabled) if disabled else contextlib.nullcontext():
+        try:
+            for layer in disabled:
+                layer.enable_adapters(True)
+            for name, layer in layers:
+                hook = partial(_route_rows, adapter_names=names, name=name)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def add_student_adapter(denoiser: torch.nn.Module, lora_config: LoraConfig) -> list[torch.nn.Parameter]:

@@ -56,6 +56,9 @@ class TeacherSupport:
     """
 
     teacher_sources: Optional[dict[str, TeacherSource]] = None  # set by `accept_teacher_sources`
+    # One teacher forward for the rows of every task ([`~targets.teacher_means`]); `False`, one per task (the
+    # benchmark's comparison).
+    batch_teacher_forwards = True
     teachers: dict[str, Teacher]  # set by `load_teacher_adapters` (empty without teachers)
     _teacher_targets_checked = False
 
@@ -102,7 +105,10 @@ class TeacherSupport:
     def teacher_means(
         self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeddings, tasks: list[str]
     ) -> torch.Tensor:
-        """Each sample's teacher transition mean from state `x` at timestep `t`, with the student's kernel."""
+        """
+        Each sample's teacher transition mean from state `x` at timestep `t`, with the student's kernel: one denoiser
+        forward for the rows of every task (see [`~targets.teacher_means`]).
+        """
         means = teacher_means(
             self.family,
             self.teachers,
@@ -113,6 +119,7 @@ class TeacherSupport:
             guidance_scales=self.teacher_guidance_scales(),
             noise_level=self.args.noise_level,
             autocast=self.compute_loss_context_manager,
+            batched=self.batch_teacher_forwards,
         )
         if not self._teacher_targets_checked:
             check_teacher_targets(means, x, tasks, self.teachers)

@@ -36,3 +36,29 @@ def random_teachers(tmp_path_factory):
         "a": save_random_lora(pipe, root / "a", "peft", seed=1, std=0.3),
         "b": save_random_lora(pipe, root / "b", "diffusers", seed=2, std=0.3),
     }
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """
+    A local cache laid out as the Hub's, offline: `local_hub(folder, "user/repo", "sub")` publishes a copy of `folder`
+    as the subfolder `sub` of `user/repo` at `main` and returns its snapshot path, so that the id
+    `"user/repo/sub@main"` resolves to it.
+    """
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def publish(folder, repo_id: str, subfolder: str, commit: str = "a" * 40):
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit / subfolder
+        shutil.copytree(folder, snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    return publish

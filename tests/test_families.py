@@ -9,7 +9,6 @@ classifier-free guidance with a negative prompt is the pipeline's `true_cfg_scal
 `FluxFamily(pipe, true_cfg_scale=s)`. For SD3 and SD 1.x `guidance_scale` is the CFG scale, as in their pipelines.
 """
 
-import shutil
 import time
 
 import pytest
@@ -200,17 +199,9 @@ def opd_trainer(tmp_path, pipe, teachers, **overrides):
     )
 
 
-def test_flux_opd_with_peft_diffusers_and_hub_teachers(tmp_path, flux_teachers, monkeypatch):
-    import huggingface_hub.constants as constants
-
+def test_flux_opd_with_peft_diffusers_and_hub_teachers(tmp_path, flux_teachers, local_hub):
     peft_dir, diffusers_file = flux_teachers
-    commit = "b" * 40
-    repo = tmp_path / "hub" / "models--user--flux-teachers"
-    shutil.copytree(peft_dir, repo / "snapshots" / commit / "ocr")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    local_hub(peft_dir, "user/flux-teachers", "ocr")
     teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/flux-teachers/ocr@main"}
     trainer = opd_trainer(tmp_path, tiny_flux_pipeline(), teachers, guidance_scale=3.5)
     assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]

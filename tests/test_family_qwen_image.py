@@ -1,4 +1,4 @@
-"""The Qwen-Image family (`QwenImagePipeline`): tiny pipeline, parity, padding, training, saving, teachers, real scale.
+"""The Qwen-Image family (`QwenImagePipeline`): tiny pipeline, parity, padding, training, saving, teachers.
 
 Guidance semantics (Qwen-Image): `guidance_scale`, in `rollout`, `PipelineFamily.predict` and the trainers' configs,
 means the pipeline's `true_cfg_scale` with `negative_prompt=""`: `rollout(pipe, prompts, guidance_scale=g)` samples as
@@ -9,9 +9,7 @@ counterpart and is ignored, as the pipeline ignores it for the released Qwen-Ima
 0.42.1's `QwenImageTransformer2DModel` has no guidance embedding at all.
 """
 
-import shutil
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,25 +33,6 @@ from diffusion_opd_trainer.testing import (
 
 # Three token lengths: a batch of them is right-padded (with a mask) by the pipeline and by the family.
 PROMPTS = ["a red circle", "two blue squares next to a photo of a cat", "a dog"]
-
-# The released transformer's config (Qwen/Qwen-Image/transformer/config.json; its unused `pooled_projection_dim`
-# left out), in the format of `model_sizes.REAL_SCALE_DENOISERS`.
-QWEN_IMAGE_DENOISER = dict(
-    source="Qwen/Qwen-Image/transformer/config.json",
-    class_name="QwenImageTransformer2DModel",
-    family="qwen_image",
-    config=dict(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=60,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=3584,
-        guidance_embeds=False,
-        axes_dims_rope=(16, 56, 56),
-    ),
-)
 
 
 def brightness(prompts, images, **kwargs):
@@ -270,17 +249,9 @@ def opd_trainer(tmp_path, pipe, teachers, **overrides):
     )
 
 
-def test_qwen_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path, qwen_teachers, monkeypatch):
-    import huggingface_hub.constants as constants
-
+def test_qwen_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path, qwen_teachers, local_hub):
     peft_dir, diffusers_file = qwen_teachers
-    commit = "c" * 40
-    repo = tmp_path / "hub" / "models--user--qwen-teachers"
-    shutil.copytree(peft_dir, repo / "snapshots" / commit / "ocr")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    local_hub(peft_dir, "user/qwen-teachers", "ocr")
     teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/qwen-teachers/ocr@main"}
     trainer = opd_trainer(tmp_path, tiny_qwen_image_pipeline(), teachers, guidance_scale=4.0)
     assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
@@ -327,25 +298,3 @@ def test_qwen_image_teacher_lora_on_another_family_names_qwen_image(tmp_path):
     )
     with pytest.raises(ValueError, match=r"task 'b'.*qwen_lora.*Qwen-Image.*SD3Transformer2DModel"):
         opd_trainer(tmp_path, tiny_sd3_pipeline(), {"b": qwen_lora})
-
-
-# ----- real scale, on the meta device --------------------------------------------------------------------------------
-def test_real_scale_qwen_image_denoiser_and_default_lora_on_the_meta_device():
-    """Qwen-Image (20B) from its public config: no weight allocated, exact parameter counts."""
-    import diffusers
-    from accelerate import init_empty_weights
-    from peft import LoraConfig
-
-    with init_empty_weights(include_buffers=True):
-        denoiser = getattr(diffusers, QWEN_IMAGE_DENOISER["class_name"])(**QWEN_IMAGE_DENOISER["config"])
-        base_params = sum(p.numel() for p in denoiser.parameters())
-        family = QwenImageFamily(SimpleNamespace(transformer=denoiser))
-        denoiser.add_adapter(
-            LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=family.lora_target_modules())
-        )
-    lora = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
-    assert {str(p.device) for p in denoiser.parameters()} | {str(b.device) for b in denoiser.buffers()} == {"meta"}
-    assert base_params == 20_430_401_088  # "20B"
-    # r32 on a d x d projection (d 3072): 32 * 2d; 60 blocks x 8 projections (both streams' q, k, v, out).
-    layers = sum(1 for n in lora if ".lora_A." in n)
-    assert layers == 480 and sum(p.numel() for p in lora.values()) == 480 * 32 * 2 * 3072

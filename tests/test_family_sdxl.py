@@ -7,7 +7,6 @@ library's default negative prompt `""` is the pipeline's default (no negative pr
 with `force_zeros_for_empty_prompt`, the released configs' setting. The kernel is DDIM with eta = noise level.
 """
 
-import shutil
 import time
 
 import pytest
@@ -154,19 +153,11 @@ def test_sdxl_grpo_with_the_configs_default_kernel_settings(tmp_path):
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
 
 
-def test_sdxl_opd_with_peft_diffusers_and_hub_teachers(tmp_path, monkeypatch):
-    import huggingface_hub.constants as constants
-
+def test_sdxl_opd_with_peft_diffusers_and_hub_teachers(tmp_path, local_hub):
     pipe = tiny_sdxl_pipeline()
     peft_dir = save_random_lora(pipe, tmp_path / "peft", "peft", seed=1, std=0.3)
     diffusers_dir = save_random_lora(pipe, tmp_path / "diffusers", "diffusers", seed=2, std=0.3)
-    commit = "c" * 40
-    repo = tmp_path / "hub" / "models--user--sdxl-teachers"
-    shutil.copytree(peft_dir, repo / "snapshots" / commit / "ocr")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    local_hub(peft_dir, "user/sdxl-teachers", "ocr")
     teachers = {
         "a": peft_dir,
         "b": f"{diffusers_dir}/pytorch_lora_weights.safetensors",

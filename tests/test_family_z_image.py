@@ -11,7 +11,6 @@ pipeline's defaults (both off).
 always called with a copy of the prompt lists here.
 """
 
-import shutil
 import time
 
 import pytest
@@ -324,17 +323,9 @@ def opd_trainer(tmp_path, pipe, teachers, **overrides):
     )
 
 
-def test_z_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path, z_image_teachers, monkeypatch):
-    import huggingface_hub.constants as constants
-
+def test_z_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path, z_image_teachers, local_hub):
     peft_dir, diffusers_file = z_image_teachers
-    commit = "c" * 40
-    repo = tmp_path / "hub" / "models--user--z-image-teachers"
-    shutil.copytree(peft_dir, repo / "snapshots" / commit / "ocr")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    local_hub(peft_dir, "user/z-image-teachers", "ocr")
     teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/z-image-teachers/ocr@main"}
     trainer = opd_trainer(tmp_path, tiny_z_image_pipeline(), teachers, guidance_scale=0.0)  # Turbo-style
     assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
@@ -386,44 +377,3 @@ def test_teacher_lora_of_another_family_names_task_source_and_both_architectures
         match=r"task 'b'.*peft.*Z-Image \(ZImageTransformer2DModel\).*another model.*FluxTransformer2DModel",
     ):
         opd_trainer(tmp_path, tiny_flux_pipeline(), {"b": peft_dir}, resolution=None, max_sequence_length=None)
-
-
-# ----- real scale, on the meta device --------------------------------------------------------------------------------
-# Tongyi-MAI/Z-Image-Turbo/transformer/config.json (Z-Image base has the same architecture).
-Z_IMAGE_TURBO_CONFIG = dict(
-    all_patch_size=(2,),
-    all_f_patch_size=(1,),
-    in_channels=16,
-    dim=3840,
-    n_layers=30,
-    n_refiner_layers=2,
-    n_heads=30,
-    n_kv_heads=30,
-    norm_eps=1e-5,
-    qk_norm=True,
-    cap_feat_dim=2560,
-    rope_theta=256.0,
-    t_scale=1000.0,
-    axes_dims=(32, 48, 48),
-    axes_lens=(1536, 512, 512),
-)
-
-
-def test_z_image_real_scale_denoiser_and_default_lora_on_the_meta_device():
-    from types import SimpleNamespace
-
-    from accelerate import init_empty_weights
-    from diffusers import ZImageTransformer2DModel
-    from peft import LoraConfig
-
-    with init_empty_weights(include_buffers=True):
-        denoiser = ZImageTransformer2DModel(**Z_IMAGE_TURBO_CONFIG)
-        base_params = sum(p.numel() for p in denoiser.parameters())
-        targets = ZImageFamily(SimpleNamespace(transformer=denoiser)).lora_target_modules()
-        denoiser.add_adapter(LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=targets))
-    assert {str(p.device) for p in denoiser.parameters()} == {"meta"}
-    lora = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
-    layers = sum(1 for n in lora if ".lora_A." in n)
-    assert base_params == 6_154_908_736  # "6B"
-    # r32 on d x d projections (d 3840): (2 + 2 refiner blocks + 30 layers) x (q, k, v, out).
-    assert layers == 34 * 4 and sum(p.numel() for p in lora.values()) == 136 * 32 * 2 * 3840

@@ -243,20 +243,10 @@ def test_round_robin_batches_hold_one_task(tmp_path, teacher_dirs):
     assert all(len(t) == 1 for t in tasks) and [t.pop() for t in tasks[:2]] == ["a", "b"]
 
 
-def test_teacher_guidance_scale_and_hub_source(tmp_path, teacher_dirs, monkeypatch):
+def test_teacher_guidance_scale_and_hub_source(tmp_path, teacher_dirs, local_hub):
     """A Hub id resolves through a local cache laid out as the Hub's, with a subfolder and a revision."""
-    import shutil
-
-    import huggingface_hub.constants as constants
-
     peft_dir, _ = teacher_dirs
-    commit = "a" * 40
-    snapshot = tmp_path / "hub" / "models--user--teachers" / "snapshots" / commit / "geneval"
-    shutil.copytree(peft_dir, snapshot)
-    (tmp_path / "hub" / "models--user--teachers" / "refs").mkdir()
-    (tmp_path / "hub" / "models--user--teachers" / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = local_hub(peft_dir, "user/teachers", "geneval")
     dataset = Dataset.from_dict({"prompt": PROMPTS})
     trainer = make_trainer(
         tmp_path, {"geneval": TeacherConfig("user/teachers/geneval@main", guidance_scale=3.0)}, dataset=dataset

@@ -305,7 +305,7 @@ class PipelineFamily(ABC):
         latents: torch.Tensor,
         timestep: Union[float, torch.Tensor],
         embeddings: PromptEmbeddings,
-        guidance_scale: float = 1.0,
+        guidance_scale: Union[float, Sequence[float]] = 1.0,
         denoiser: Optional[torch.nn.Module] = None,
     ) -> torch.Tensor:
         """
@@ -320,6 +320,8 @@ class PipelineFamily(ABC):
             embeddings ([`PromptEmbeddings`]): the batch's conditioning (needs `uncond` for CFG).
             guidance_scale (`float`, defaults to 1.0): the pipeline's own `guidance_scale`: the CFG scale (1 means no
                 guidance, one forward of `B`), or a guidance-distilled family's embedded guidance ([`cfg_scale`]).
+                A sequence gives each row its own CFG scale, all running CFG, in one forward (the OPD teachers of
+                several tasks): only for families whose forward does not read the scale.
             denoiser (`torch.nn.Module`, *optional*): the module to call, e.g. the DDP-wrapped denoiser in training.
         """
         denoiser = self.denoiser if denoiser is None else denoiser
@@ -327,6 +329,8 @@ class PipelineFamily(ABC):
         timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1)
         timestep = timestep.expand(batch_size) if timestep.numel() == 1 else timestep
         model_input = latents.to(self.dtype)
+        if not isinstance(guidance_scale, (int, float)):
+            return self._predict_per_row(denoiser, model_input, timestep, embeddings, list(guidance_scale))
         cfg_scale = self.cfg_scale(guidance_scale)
         if cfg_scale == 1.0:
             return self._forward(denoiser, model_input, timestep, embeddings.cond, guidance_scale).float()
@@ -338,6 +342,24 @@ class PipelineFamily(ABC):
         ).float()
         uncond_out, cond_out = output.chunk(2)
         return self.combine_guidance(uncond_out, cond_out, cfg_scale)
+
+    def _predict_per_row(self, denoiser, model_input, timestep, embeddings, scales: list[float]) -> torch.Tensor:
+        """[`predict`]'s CFG forward of the negative then positive halves, each row then guided by its own scale."""
+        if len(scales) != model_input.shape[0] or any(self.cfg_scale(scale) == 1.0 for scale in scales):
+            raise ValueError(f"Per-row guidance needs one CFG scale above 1 per row, got {scales}.")
+        if embeddings.uncond is None:
+            raise ValueError(f"CFG scales {sorted(set(scales))} need negative-prompt embeddings; none were encoded.")
+        cond = {k: concat_padded([embeddings.uncond[k], v]) for k, v in embeddings.cond.items()}
+        # The forward does not read the scale in the families this serves: any row's will do.
+        output = self._forward(
+            denoiser, torch.cat([model_input] * 2), torch.cat([timestep] * 2), cond, scales[0]
+        ).float()
+        uncond_out, cond_out = output.chunk(2)
+        guided = torch.empty_like(cond_out)
+        for scale in dict.fromkeys(scales):
+            rows = torch.tensor([i for i, s in enumerate(scales) if s == scale], device=cond_out.device)
+            guided[rows] = self.combine_guidance(uncond_out[rows], cond_out[rows], self.cfg_scale(scale))
+        return guided
 
     def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """
@@ -373,6 +395,24 @@ class PipelineFamily(ABC):
         shape = self.latent_shape(batch_size, height, width)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return latents * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
+    def shift_mu(self, height: int, width: int, patch_size: int = 2, max_shift: float = 1.15) -> float:
+        """
+        The `mu` of resolution-dependent (dynamic) shifting, as the flow-matching pipelines compute it: diffusers'
+        `calculate_shift` of the image's token count (latents in `patch_size` patches) with the scheduler config's
+        bounds (`max_shift` is the pipeline's default when the config has none: 1.15, SD3's 1.16).
+        """
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.scheduler.config
+        factor = self.vae_scale_factor * patch_size
+        return calculate_shift(
+            (height // factor) * (width // factor),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", max_shift),
+        )
 
     @abstractmethod
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:

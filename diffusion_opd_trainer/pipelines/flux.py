@@ -106,7 +106,7 @@ class FluxFamily(PipelineFamily):
 
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
         # As `FluxPipeline.__call__`: linear sigmas 1 -> 1/N (unless the scheduler makes its own flow sigmas) and mu
         # from the packed image sequence length, whether or not the scheduler shifts dynamically.
@@ -114,13 +114,6 @@ class FluxFamily(PipelineFamily):
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if config.get("use_flow_sigmas"):
             sigmas = None
-        factor = self.vae_scale_factor * 2
-        mu = calculate_shift(
-            (height // factor) * (width // factor),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = self.shift_mu(height, width)
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps

@@ -103,19 +103,11 @@ class QwenImageFamily(PipelineFamily):
 
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         import numpy as np
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
         # As `QwenImagePipeline.__call__`: linear sigmas 1 -> 1/N and mu from the packed image sequence length.
-        config = self.scheduler.config
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        factor = self.vae_scale_factor * 2
-        mu = calculate_shift(
-            (height // factor) * (width // factor),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = self.shift_mu(height, width)
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
 

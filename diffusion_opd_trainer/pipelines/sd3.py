@@ -45,15 +45,6 @@ class SD3Family(PipelineFamily):
         scheduler = self.scheduler
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            factor = self.vae_scale_factor * self.patch_size
-            kwargs["mu"] = calculate_shift(
-                (height // factor) * (width // factor),
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = self.shift_mu(height, width, self.patch_size, max_shift=1.16)
         scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
         return scheduler.timesteps

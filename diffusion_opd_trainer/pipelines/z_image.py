@@ -120,23 +120,11 @@ class ZImageFamily(PipelineFamily):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
-        from diffusers.pipelines.z_image.pipeline_z_image import (
-            calculate_shift,
-            get_default_z_image_sigmas,
-            retrieve_timesteps,
-        )
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas, retrieve_timesteps
 
         # As `ZImagePipeline.__call__`: its linear sigmas 1 -> 1/N and mu from the 2x2-patched sequence length (used
         # by a scheduler with dynamic shifting, ignored by Z-Image-Turbo's fixed shift).
-        config = self.scheduler.config
-        factor = self.vae_scale_factor * 2
-        mu = calculate_shift(
-            (height // factor) * (width // factor),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = self.shift_mu(height, width)
         sigmas = get_default_z_image_sigmas(num_inference_steps)
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
