@@ -97,7 +97,7 @@ WORLD_SOURCES = tuple(Path(toy.__file__).parent / f"{name}.py" for name in ("rew
 class TableConfig:
     r"""
     Settings of the miniature Table 1. [`TableConfig.quick`] runs the whole pipeline in a few minutes;
-    [`TableConfig.full`] is the committed table (33 to 67 minutes a seed on two CPU cores so far, see
+    [`TableConfig.full`] is the committed table (about 31 minutes a seed on two quiet CPU cores, see
     docs/toy_table.md).
 
     Parameters:
@@ -275,7 +275,7 @@ class TableConfig:
 
     @classmethod
     def full(cls, **overrides) -> "TableConfig":
-        """The committed table (33 to 67 minutes a seed on two CPU cores so far, see docs/toy_table.md)."""
+        """The committed table (about 31 minutes a seed on two quiet CPU cores, see docs/toy_table.md)."""
         return cls(**overrides)
 
     @property
