@@ -162,10 +162,9 @@ def mixed_adapters(denoiser: torch.nn.Module, adapter_names: Sequence[Optional[s
         denoiser (`torch.nn.Module`): the (unwrapped) denoiser carrying the adapters.
         adapter_names (`Sequence[str or None]`): each row's adapter.
 
-    Raises:
-        [`MixedAdapterBatchError`]: on entry when a LoRA layer cannot run mixed batches (its type, a merged or DoRA
-        adapter), in a forward when a LoRA layer's input rows are not the batch's; the caller runs one forward per
-        adapter instead.
+    Raises `MixedAdapterBatchError` on entry when a LoRA layer cannot run mixed batches (its type, a merged or DoRA
+    adapter), and in a forward when a LoRA layer's input rows are not the batch's: the caller then runs one forward
+    per adapter instead.
     """
     names = [BASE_ROWS if name is None else name for name in adapter_names]
     layers = [(name, module) for name, module in denoiser.named_modules() if isinstance(module, LoraLayer)]
