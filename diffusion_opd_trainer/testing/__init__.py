@@ -437,6 +437,19 @@ def tiny_flux_pipeline(
     return _ready(pipe, dtype)
 
 
+def _sd_ddim_scheduler(**overrides) -> DDIMScheduler:
+    """A `DDIMScheduler` with the noise schedule of SD 1.5 and SDXL (their `scheduler_config.json` values)."""
+    settings = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return DDIMScheduler(**{**settings, **overrides})
+
+
 def tiny_sd_pipeline(
     seed: int = 0,
     resolution: int = 32,
@@ -472,15 +485,7 @@ def tiny_sd_pipeline(
             norm_num_groups=4,
         )
         vae = tiny_vae(4, resolution)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = _sd_ddim_scheduler(prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -541,16 +546,8 @@ def tiny_sdxl_pipeline(
             time_cond_proj_dim=time_cond_proj_dim,
         )
         vae = tiny_vae(4, resolution, scaling_factor=0.13025, force_upcast=True)
-    # SDXL's noise schedule (its scheduler_config.json), in the DDIM scheduler.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    # SDXL's noise schedule is SD 1.5's (its scheduler_config.json), in the DDIM scheduler.
+    scheduler = _sd_ddim_scheduler(timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
