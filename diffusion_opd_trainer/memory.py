@@ -183,11 +183,6 @@ def estimate_memory(
             return value
         return getattr(args, name, default) if args is not None else default
 
-    if weights_dtype is None and not isinstance(model, (str, os.PathLike)):
-        weights_dtype = get_family(model).dtype  # a loaded pipeline's own
-    if args is not None and weights_dtype is None:
-        weights_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    weights_dtype = weights_dtype or torch.bfloat16
     batch_size = setting(batch_size, "per_device_train_batch_size", 1)
     guidance_scale = setting(guidance_scale, "guidance_scale", 1.0)
     checkpointing = bool(setting(gradient_checkpointing, "gradient_checkpointing", False))
@@ -219,6 +214,11 @@ def estimate_memory(
     else:
         family = get_family(model)
         components = {k: v for k, v in model.components.items() if isinstance(v, torch.nn.Module)}
+        if weights_dtype is None:
+            weights_dtype = family.dtype  # a loaded pipeline's own
+    if args is not None and weights_dtype is None:
+        weights_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    weights_dtype = weights_dtype or torch.bfloat16
     denoiser = family.denoiser
     weight_bytes = _dtype_bytes(weights_dtype)
 
