@@ -230,6 +230,7 @@ def sample_images(
     negative_prompt: str = "",
     batch_size: Optional[int] = None,
     true_cfg_scale: Optional[float] = None,
+    max_sequence_length: Optional[int] = None,
 ) -> torch.Tensor:
     """
     The seeded ODE sampler of the evaluations: image `i` starts from the noise of a CPU generator seeded `seeds[i]`,
@@ -245,6 +246,7 @@ def sample_images(
         batch_size (`int`, *optional*): images per forward; all at once when omitted.
         true_cfg_scale (`float`, *optional*): true CFG on top of embedded guidance (Flux.1-dev's
             `true_cfg_scale`; only 1 for the other families); by default the family's own (1 for a pipeline).
+        max_sequence_length (`int`, *optional*): the T5 length (SD3: 256 by default; Flux: 512).
 
     Returns:
         `torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`, float32, on the pipeline's device.
@@ -271,6 +273,7 @@ def sample_images(
             width=width,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds[start:stop]],
             negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length,
             decode=True,
         )
         images.append(trajectory.images.float())
@@ -296,6 +299,7 @@ def evaluate(
     max_prompts: Optional[int] = None,
     negative_prompt: str = "",
     true_cfg_scale: Optional[float] = None,
+    max_sequence_length: Optional[int] = None,
     output_dir: Optional[Union[str, os.PathLike]] = None,
     save_images: bool = False,
     show_progress: bool = True,
@@ -330,6 +334,8 @@ def evaluate(
         negative_prompt (`str`, defaults to `""`): CFG's negative prompt.
         true_cfg_scale (`float`, *optional*): true CFG on top of embedded guidance (Flux.1-dev's `true_cfg_scale`),
             recorded in the settings when given.
+        max_sequence_length (`int`, *optional*): the T5 length (SD3: 256 by default; Flux: 512), recorded in the
+            settings when given.
         output_dir (`str` or `os.PathLike`, *optional*): where to write `results.json` and `results.md`.
         save_images (`bool`, defaults to `False`): also save the images as PNG under `output_dir/<task>/`.
         show_progress (`bool`, defaults to `True`): progress bars.
@@ -359,6 +365,8 @@ def evaluate(
     }
     if true_cfg_scale is not None:
         settings["true_cfg_scale"] = true_cfg_scale
+    if max_sequence_length is not None:
+        settings["max_sequence_length"] = max_sequence_length
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict]] = {}
     with _eval_mode(pipeline), _lora_applied(pipeline, lora, lora_scale):
@@ -386,6 +394,7 @@ def evaluate(
                     width=width,
                     negative_prompt=negative_prompt,
                     true_cfg_scale=true_cfg_scale,
+                    max_sequence_length=max_sequence_length,
                 )
                 extra = {key: value[start:stop] for key, value in image_columns.items() if key != "prompt"}
                 scores: dict[str, list] = {}
@@ -493,9 +502,15 @@ class EvaluationCallback(TrainerCallback):
                     user_hook(*batch)
 
             kwargs["on_batch"] = on_batch
+        # The rewards are built per task by now: a single prompt set is the task "eval" they were built for.
+        tasks = (
+            self.tasks
+            if isinstance(self.tasks, Mapping) or isinstance(self.reward_funcs, Mapping)
+            else {"eval": self.tasks}
+        )
         result = evaluate(
             self.pipeline,
-            self.tasks,
+            tasks,
             self._built_rewards,
             model_name=f"step {state.global_step}",
             output_dir=output_dir,
@@ -511,6 +526,12 @@ class EvaluationCallback(TrainerCallback):
 
     def _task_names(self):
         return self.tasks.keys() if isinstance(self.tasks, Mapping) else ["eval"]
+
+    def prompts(self) -> list[str]:
+        """Every prompt this callback evaluates (a trainer offloading its text encoders encodes them up front)."""
+        sets = self.tasks.values() if isinstance(self.tasks, Mapping) else [self.tasks]
+        max_prompts = self.evaluate_kwargs.get("max_prompts")
+        return [prompt for data in sets for prompt in _as_columns(data, max_prompts)["prompt"]]
 
     def on_step_end(self, args, state, control, **kwargs):
         period = self.eval_steps or getattr(args, "eval_steps", None) or args.logging_steps

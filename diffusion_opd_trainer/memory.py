@@ -142,8 +142,8 @@ def estimate_memory(
     weights_dtype: Optional[torch.dtype] = None,
     gradient_checkpointing: Optional[bool] = None,
     optimizer_8bit: Optional[bool] = None,
-    text_encoders_on_device: bool = True,
-    vae_on_device: bool = True,
+    text_encoders_on_device: Optional[bool] = None,
+    vae_on_device: Optional[bool] = None,
 ) -> MemoryEstimate:
     """
     Accelerator memory of one training process, by part, before anything is loaded on it.
@@ -163,10 +163,11 @@ def estimate_memory(
             `fp16`, else bfloat16 (the LoRA and its optimizer state are float32 in any case).
         gradient_checkpointing (`bool`, *optional*): recompute each block's activations in the backward pass.
         optimizer_8bit (`bool`, *optional*): 8-bit AdamW state (bitsandbytes) instead of two float32 moments.
-        text_encoders_on_device (`bool`, defaults to `True`): `False` when the prompts are encoded once up front and
-            the text encoders are moved off the accelerator.
-        vae_on_device (`bool`, defaults to `True`): `False` when nothing decodes during training (OPD without reward
-            monitoring).
+        text_encoders_on_device (`bool`, *optional*): `False` when the prompts are encoded once up front and the
+            text encoders are moved off the accelerator; defaults to `args.text_encoder_offload == "none"` (else
+            `True`).
+        vae_on_device (`bool`, *optional*): `False` when the VAE stays on the CPU between decodes; defaults to `not
+            args.offload_vae` (else `True`; a trainer passes its resolved setting).
 
     Returns:
         [`MemoryEstimate`]: bytes by part and how each was counted. Not included: the framework's own overhead (CUDA
@@ -186,6 +187,10 @@ def estimate_memory(
     batch_size = setting(batch_size, "per_device_train_batch_size", 1)
     guidance_scale = setting(guidance_scale, "guidance_scale", 1.0)
     checkpointing = bool(setting(gradient_checkpointing, "gradient_checkpointing", False))
+    if text_encoders_on_device is None:
+        text_encoders_on_device = getattr(args, "text_encoder_offload", "none") == "none"
+    if vae_on_device is None:
+        vae_on_device = not getattr(args, "offload_vae", None)
     if optimizer_8bit is None:
         optimizer_8bit = "8bit" in str(getattr(args, "optim", "")) if args is not None else False
     if resolution is None and args is not None:

@@ -120,6 +120,10 @@ class DiffusionOPDTrainer(TeacherSupport, DiffusionTrainerBase):
     def _eval_reward_set(self) -> Optional[RewardSet]:
         return self.eval_reward_set
 
+    def _decodes_during_training(self) -> bool:
+        # The loss needs no image: rollouts are decoded only for the monitoring rewards or to log them.
+        return self.eval_reward_set is not None or bool(self.args.log_images_steps)
+
     # ----- the per-step loss -----------------------------------------------------------------------------------------
     def step_loss(
         self, step: TransitionOutput, teacher_mean: torch.Tensor, old_log_prob: Optional[torch.Tensor] = None

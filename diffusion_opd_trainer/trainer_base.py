@@ -1,6 +1,7 @@
 """What the GRPO and OPD trainers share: the pipeline and its student LoRA, data, saving, resuming, EMA, metrics."""
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -170,9 +171,8 @@ class DiffusionTrainerBase(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        for component in model.components.values():
-            if isinstance(component, torch.nn.Module) and component is not denoiser:
-                component.to(self.accelerator.device)
+        self.offload_vae = args.offload_vae if args.offload_vae is not None else not self._decodes_during_training()
+        self._place_components()
         self.ema = None
         if args.ema:
             self.ema = LoRAEMA(lora_parameters(denoiser, STUDENT_ADAPTER), args.ema_decay, args.ema_update_interval)
@@ -205,6 +205,68 @@ class DiffusionTrainerBase(Trainer):
     # ----- set-up hooks ----------------------------------------------------------------------------------------------
     def _prepare_before_trainer_init(self, args) -> None:
         """Subclass hook: load teachers, resolve rewards... before `Trainer.__init__` builds the optimizer state."""
+
+    def _decodes_during_training(self) -> bool:
+        """Subclass hook: whether training steps decode images (the default of `offload_vae` is the opposite)."""
+        return True
+
+    def _place_components(self) -> None:
+        """
+        The frozen components on the accelerator, but the text encoders with `text_encoder_offload` (after the run's
+        prompts are encoded) and the VAE with `offload_vae` on the CPU: they borrow the accelerator only while they
+        compute ([`~pipelines.base.modules_on`]).
+        """
+        args, device = self.args, self.accelerator.device
+        offload_text = args.text_encoder_offload != "none"
+        encoders = self.family.text_encoders
+        for name, component in self.pipeline.components.items():
+            if not isinstance(component, torch.nn.Module) or component is self.family.denoiser:
+                continue
+            offloaded = (name in encoders and offload_text) or (name == "vae" and self.offload_vae)
+            component.to("cpu" if offloaded else device)
+        if offload_text:
+            self._encode_prompts_up_front()
+            if args.text_encoder_offload == "free":
+                released = self.family.release_text_encoders()
+                gc.collect()
+                logger.info("Released the text encoders (%s): the run's prompts are encoded.", ", ".join(released))
+
+    def _run_prompts(self) -> list[tuple[list[str], Optional[str], Optional[int]]]:
+        """
+        Every prompt the run will encode, as `(prompts, negative prompt, T5 length)` sets: the datasets' (with the
+        training negative prompt and length) and those of the evaluation callbacks (with their own settings).
+        """
+        args = self.args
+        sets = []
+        for dataset in (self.train_dataset, self.eval_dataset):
+            if dataset is not None:
+                sets.append((list(dataset["prompt"]), args.negative_prompt, args.max_sequence_length))
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EvaluationCallback):
+                kwargs = callback.evaluate_kwargs
+                sets.append((callback.prompts(), kwargs.get("negative_prompt", ""), kwargs.get("max_sequence_length")))
+        return sets
+
+    def _encode_prompts_up_front(self) -> None:
+        """Encodes every prompt of the run once (text encoders on the accelerator for the pass), for the offload."""
+        start = time.perf_counter()
+        total, count = 0, 0
+        for prompts, negative_prompt, max_sequence_length in self._run_prompts():
+            total = self.family.precompute_prompt_embeddings(
+                prompts,
+                negative_prompt=negative_prompt,
+                max_sequence_length=max_sequence_length,
+                batch_size=max(self.args.per_device_eval_batch_size, 8),
+                show_progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
+            )
+            count += len(set(prompts))
+        logger.info(
+            "Encoded %d prompt(s) up front in %.1f s (`text_encoder_offload=%r`): %.1f MiB of embeddings on the CPU.",
+            count,
+            time.perf_counter() - start,
+            self.args.text_encoder_offload,
+            total / 2**20,
+        )
 
     def _sampler_options(self, dataset) -> dict[str, Any]:
         """Subclass hook: the [`PromptSampler`] options of the method (group size, task round-robin)."""
@@ -524,6 +586,7 @@ class DiffusionTrainerBase(Trainer):
                     seed=args.eval_seed,
                     negative_prompt=args.negative_prompt,
                     true_cfg_scale=args.true_cfg_scale,
+                    max_sequence_length=args.max_sequence_length,
                     show_progress=not args.disable_tqdm,
                     on_batch=collector,
                 )
@@ -586,6 +649,7 @@ class DiffusionTrainerBase(Trainer):
             self.args,
             num_teachers=len(getattr(self, "teachers", None) or {}),
             resolution=self.image_size[0],
+            vae_on_device=not self.offload_vae,
         )
         logger.info("Memory estimate of one training process:\n%s", estimate.table())
         return estimate

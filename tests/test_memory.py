@@ -86,7 +86,7 @@ def test_a_family_without_calibration_says_so(capsys):
 
 
 def test_the_command_line_prints_the_table(capsys):
-    main([str(SD35_MEDIUM), "--num_teachers", "3", "--resolution", "512", "--text_encoders_off_device"])
+    main([str(SD35_MEDIUM), "--num_teachers", "3", "--resolution", "512", "--text_encoder_offload", "cpu"])
     out = capsys.readouterr().out
     assert "| text encoders | 0.00 |" in out and "| teacher adapters | 0.13 |" in out
 

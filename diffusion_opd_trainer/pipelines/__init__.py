@@ -5,13 +5,21 @@ import importlib
 import diffusers
 
 from ..quiet import quiet_pipeline_imports
-from .base import PipelineFamily, PromptEmbeddings
+from .base import PipelineFamily, PromptEmbeddings, TextEncodersReleasedError
 from .flux import FluxFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 
 
-__all__ = ["FluxFamily", "PipelineFamily", "PromptEmbeddings", "SD3Family", "SDFamily", "get_family"]
+__all__ = [
+    "FluxFamily",
+    "PipelineFamily",
+    "PromptEmbeddings",
+    "SD3Family",
+    "SDFamily",
+    "TextEncodersReleasedError",
+    "get_family",
+]
 
 # (diffusers pipeline class, the models it loads, module of this package, family class). A pipeline matches the first
 # entry it is an instance of: subclasses before their parents.

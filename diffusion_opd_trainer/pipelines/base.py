@@ -18,6 +18,32 @@ logger = logging.getLogger(__name__)
 
 # The pipelines whose prompt truncation was already warned about.
 _WARNED_TRUNCATION: "weakref.WeakSet" = weakref.WeakSet()
+# The pipelines whose text encoders were released (`release_text_encoders`), and which ones: any family built on such
+# a pipeline later (evaluations wrap it in families of their own) must say so rather than fail inside diffusers.
+_RELEASED_TEXT_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class TextEncodersReleasedError(RuntimeError):
+    """A prompt needs encoding but the pipeline's text encoders were released after the datasets' prompts were."""
+
+
+@contextlib.contextmanager
+def modules_on(modules: Sequence[torch.nn.Module], device: torch.device):
+    """
+    Moves each module not already on `device` there for the block, and back to where it was afterwards: an offloaded
+    component (text encoder, VAE) borrows the accelerator only while it computes. A module on `device` is untouched.
+    """
+    moved = []
+    for module in modules:
+        parameter = next(module.parameters(), None)
+        if parameter is not None and parameter.device != device:
+            moved.append((module, parameter.device))
+            module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in moved:
+            module.to(home)
 
 
 @contextlib.contextmanager
@@ -90,16 +116,35 @@ class PromptEmbeddings:
 class _EmbeddingCache:
     """Per-prompt embeddings kept on the CPU: text encoders are frozen, so a prompt is encoded once per run."""
 
-    max_items: int = 50_000
+    max_items: Optional[int] = 50_000  # `None`: no limit (every prompt of the run, encoded up front)
     items: dict = field(default_factory=dict)
 
     def get(self, key):
         return self.items.get(key)
 
     def put(self, key, value) -> None:
-        if len(self.items) >= self.max_items:
+        if self.max_items is not None and len(self.items) >= self.max_items:
             self.items.pop(next(iter(self.items)))
         self.items[key] = value
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for item in self.items.values() for t in item.values())
+
+
+# Each pipeline's prompt caches, shared by every family built on it (the trainer's, and those evaluations build): a
+# prompt is encoded once per pipeline, and prompts encoded up front serve evaluations after the encoders are gone.
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _shared_caches(pipeline) -> tuple[_EmbeddingCache, dict]:
+    """The prompt and negative-prompt caches of `pipeline` (fresh ones for an object that takes no weak reference)."""
+    try:
+        caches = _CACHES.get(pipeline)
+        if caches is None:
+            caches = _CACHES[pipeline] = (_EmbeddingCache(), {})
+        return caches
+    except TypeError:
+        return _EmbeddingCache(), {}
 
 
 def _tokenizer_limit(tokenizer) -> Optional[int]:
@@ -128,8 +173,7 @@ class PipelineFamily(ABC):
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
-        self._cache = _EmbeddingCache()
-        self._negative_cache: dict = {}
+        self._cache, self._negative_cache = _shared_caches(pipeline)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -162,6 +206,33 @@ class PipelineFamily(ABC):
     @property
     def num_latent_channels(self) -> int:
         return self.denoiser.config.in_channels
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (those it has: SD3 may run without its T5)."""
+        components = getattr(self.pipeline, "components", None) or {}
+        return {
+            name: module
+            for name, module in components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        }
+
+    def release_text_encoders(self) -> list[str]:
+        """
+        Removes the text encoders from the pipeline (their memory is freed once nothing else holds them), after the
+        prompts that will be needed were encoded: every family of this pipeline then serves only prompts in its cache,
+        and raises [`TextEncodersReleasedError`] for any other. Returns the released components' names.
+        """
+        names = list(self.text_encoders)
+        for name in names:
+            setattr(self.pipeline, name, None)
+        _RELEASED_TEXT_ENCODERS[self.pipeline] = tuple(names)
+        return names
+
+    def _vae_on_device(self):
+        """The VAE on the denoiser's device for the block (moved there and back when it is offloaded to the CPU)."""
+        vae = getattr(self.pipeline, "vae", None)
+        return modules_on([vae] if isinstance(vae, torch.nn.Module) else [], self.device)
 
     # ----- LoRA -----------------------------------------------------------------------------------------------------
     #: The default LoRA targets: the attention projections of every stream, as PEFT module-name suffixes.
@@ -244,8 +315,9 @@ class PipelineFamily(ABC):
         missing = list(dict.fromkeys(p for p in prompts if not cache or self._cache.get((p, key)) is None))
         fresh = {}
         if missing:
+            self._check_text_encoders(missing)
             self._warn_truncation_once(missing, max_sequence_length)
-            with _diffusers_warnings_silenced():
+            with _diffusers_warnings_silenced(), modules_on(list(self.text_encoders.values()), self.device):
                 encoded = self._encode(missing, max_sequence_length)
             for i, prompt in enumerate(missing):
                 fresh[prompt] = {k: v[i : i + 1] for k, v in encoded.items()}
@@ -256,13 +328,64 @@ class PipelineFamily(ABC):
         cond = {k: concat_padded([row[k].to(device) for row in rows]) for k in rows[0]}
         uncond = None
         if negative_prompt is not None:
-            if (negative_prompt, key) not in self._negative_cache:
-                with _diffusers_warnings_silenced():
-                    negative = self._encode_negative(negative_prompt, max_sequence_length)
-                self._negative_cache[(negative_prompt, key)] = negative
-            negative = self._negative_cache[(negative_prompt, key)]
+            negative = self._negative_conditioning(negative_prompt, max_sequence_length)
             uncond = {k: v.to(device).expand(len(prompts), *v.shape[1:]) for k, v in negative.items()}
         return PromptEmbeddings(cond, uncond)
+
+    def _negative_conditioning(self, negative_prompt: str, max_sequence_length: Optional[int]) -> dict:
+        """The negative prompt's conditioning (batch of one), encoded once per run."""
+        key = (negative_prompt, max_sequence_length)
+        if key not in self._negative_cache:
+            self._check_text_encoders([negative_prompt], negative=True)
+            with _diffusers_warnings_silenced(), modules_on(list(self.text_encoders.values()), self.device):
+                self._negative_cache[key] = self._encode_negative(negative_prompt, max_sequence_length)
+        return self._negative_cache[key]
+
+    def _check_text_encoders(self, prompts: list[str], negative: bool = False) -> None:
+        """Raises [`TextEncodersReleasedError`] for prompts to encode once the pipeline's text encoders are gone."""
+        released = _RELEASED_TEXT_ENCODERS.get(self.pipeline)
+        if released:
+            what = "The negative prompt" if negative else f"{len(prompts)} prompt(s), e.g."
+            raise TextEncodersReleasedError(
+                f"{what} {prompts[0]!r} must be encoded, but the "
+                f"pipeline's text encoders ({', '.join(released)}) were released after the datasets' prompts were "
+                'encoded (`text_encoder_offload="free"`): only those prompts can be used. Add the prompts to the '
+                'datasets, or use `text_encoder_offload="cpu"` to keep the encoders on the CPU.'
+            )
+
+    def precompute_prompt_embeddings(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: Optional[str] = "",
+        max_sequence_length: Optional[int] = None,
+        batch_size: int = 32,
+        show_progress: bool = False,
+    ) -> int:
+        """
+        Encodes every distinct prompt once into the cache (on the CPU), with the text encoders on the denoiser's device
+        for the whole pass, and lifts the cache's size limit: the cache then holds every prompt of the run, so the
+        text encoders can be offloaded or released. Returns the cache's size in bytes.
+
+        Args:
+            prompts (`Sequence[str]`): the prompts (repeats are encoded once).
+            negative_prompt (`str`, *optional*, defaults to `""`): CFG's negative prompt; `None` skips it.
+            max_sequence_length (`int`, *optional*): the T5 sequence length, where the family has one.
+            batch_size (`int`, defaults to 32): prompts per encoder forward.
+            show_progress (`bool`, defaults to `False`): a progress bar over the batches.
+        """
+        from tqdm.auto import tqdm
+
+        self._cache.max_items = None
+        distinct = list(dict.fromkeys(prompts))
+        starts = range(0, len(distinct), batch_size)
+        with modules_on(list(self.text_encoders.values()), self.device):
+            for start in tqdm(starts, desc="Encoding prompts", disable=not show_progress):
+                self.encode_prompts(distinct[start : start + batch_size], None, max_sequence_length)
+            if negative_prompt is not None:
+                self._negative_conditioning(negative_prompt, max_sequence_length)
+        return self._cache.nbytes() + sum(
+            t.numel() * t.element_size() for item in self._negative_cache.values() for t in item.values()
+        )
 
     # ----- denoiser -------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -421,8 +544,16 @@ class PipelineFamily(ABC):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """
-        Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (float32), as the pipelines' `AutoencoderKL` does:
-        unscale, unshift (the flow models' VAEs have a `shift_factor`; SD's has none), decode.
+        Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (float32), with the VAE on the latents' device for the
+        call (a VAE offloaded to the CPU moves there and back).
+        """
+        with self._vae_on_device():
+            return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Decodes as the pipelines' `AutoencoderKL` does: unscale, unshift (the flow models' VAEs have a
+        `shift_factor`; SD's has none), decode. Families whose VAE differs override this.
         """
         vae = self.pipeline.vae
         latents = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)

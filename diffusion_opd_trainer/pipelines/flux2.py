@@ -150,8 +150,7 @@ class Flux2Family(PipelineFamily):
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """
         Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (float32) as the pipelines do: undo the batch-norm
         normalisation (the VAE's running mean and variance), unpatchify 2x2, decode.

@@ -111,8 +111,7 @@ class QwenImageFamily(PipelineFamily):
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """
         Decodes latents `(B, C, H, W)` into images `[B, 3, H, W]` in `[0, 1]` (float32) as the pipeline does: add the
         frame dimension, undo the per-channel normalisation (`latents * std + mean`), decode, take the frame.

@@ -78,8 +78,7 @@ class SDXLFamily(PipelineFamily):
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         return self.scheduler.timesteps
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
         config = vae.config
         if config.get("latents_mean") is not None and config.get("latents_std") is not None:

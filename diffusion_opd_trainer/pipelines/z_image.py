@@ -111,8 +111,7 @@ class ZImageFamily(PipelineFamily):
         )[0]
         return -torch.stack(output).squeeze(2)  # the scheduler's velocity is the negated prediction
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         # As the pipeline: cast to the VAE's dtype *before* unscaling (the same in float32, not in bfloat16).
         vae = self.pipeline.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
