@@ -13,14 +13,20 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset
-from diffusers import DiffusionPipeline, FluxPipeline
+from diffusers import DiffusionPipeline
+from family_training import (
+    check_grpo_trains_and_reloads,
+    check_grpo_with_default_kernel_settings,
+    check_opd_with_three_teacher_formats,
+    grpo_trainer,
+    lora_modules,
+    opd_trainer,
+    teachers_in_two_formats,
+)
 
-from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.pipelines import FluxFamily, get_family
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import (
-    TINY_TRAINING_ARGS,
     save_random_lora,
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
@@ -35,10 +41,6 @@ BUILDERS = {
     "flux-dev": lambda: tiny_flux_pipeline(variant="dev"),
     "flux-schnell": lambda: tiny_flux_pipeline(variant="schnell"),
 }
-
-
-def brightness(prompts, images, **kwargs):
-    return images.mean(dim=(1, 2, 3)).tolist()
 
 
 def pipeline_images(pipe, prompts, seed=0, steps=4, **kwargs):
@@ -115,14 +117,6 @@ def test_flux_default_size_comes_from_the_pipeline():
 
 
 # ----- LoRA targets --------------------------------------------------------------------------------------------------
-def lora_modules(pipe, targets):
-    from peft import LoraConfig
-
-    denoiser = pipe.transformer
-    denoiser.add_adapter(LoraConfig(r=2, target_modules=targets))
-    return {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_parameters() if ".lora_A." in name}
-
-
 def test_flux_default_lora_targets_cover_every_attention_projection():
     pipe = tiny_flux_pipeline()
     family = get_family(pipe)
@@ -142,97 +136,43 @@ def test_flux_default_lora_targets_cover_every_attention_projection():
 
 
 # ----- training ------------------------------------------------------------------------------------------------------
-def grpo_trainer(tmp_path, pipe, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        beta=0.0,
-        guidance_scale=3.5,
-    )
-    values.update(overrides)
-    return DiffusionGRPOTrainer(
-        pipe,
-        reward_funcs=brightness,
-        args=DiffusionGRPOConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
-    )
+def trained_images(pipe, prompts):
+    return ode_images(pipe, prompts, guidance_scale=3.5, max_sequence_length=8)
+
+
+def reference_images(pipe, prompts):
+    return pipeline_images(pipe, prompts, guidance_scale=3.5)
 
 
 def test_flux_grpo_trains_two_steps_and_the_saved_lora_loads_in_flux_pipeline(tmp_path):
-    trainer = grpo_trainer(tmp_path, tiny_flux_pipeline())
-    trainer.train()
-    assert trainer.state.global_step == 2
-    trainer.save_model(str(tmp_path / "lora"))
-    trained = ode_images(trainer.pipeline, PROMPTS, guidance_scale=3.5, max_sequence_length=8)
-    fresh = tiny_flux_pipeline()
-    base = pipeline_images(fresh, PROMPTS, guidance_scale=3.5)
-    FluxPipeline.load_lora_weights(fresh, str(tmp_path / "lora"))
-    reloaded = pipeline_images(fresh, PROMPTS, guidance_scale=3.5)
-    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
-    assert (reloaded - base).abs().max() > 1e-5  # the LoRA trained, and loaded
+    check_grpo_trains_and_reloads(
+        tmp_path, tiny_flux_pipeline, PROMPTS, trained_images, reference_images, guidance_scale=3.5
+    )
 
 
 @pytest.fixture(scope="module")
 def flux_teachers(tmp_path_factory):
     """Flux teachers in both formats: a PEFT folder and a diffusers LoRA file."""
-    root = tmp_path_factory.mktemp("flux_teachers")
-    pipe = tiny_flux_pipeline()
-    peft_dir = save_random_lora(pipe, root / "peft", "peft", seed=1, std=0.3)
-    diffusers_dir = save_random_lora(pipe, root / "diffusers", "diffusers", seed=2, std=0.3)
-    return peft_dir, f"{diffusers_dir}/pytorch_lora_weights.safetensors"
-
-
-def opd_trainer(tmp_path, pipe, teachers, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_inference_steps=3
-    )
-    values.update(overrides)
-    tasks = list(teachers)
-    prompts = ["a red circle", "two blue squares", "a cat", "a dog"]
-    return DiffusionOPDTrainer(
-        pipe,
-        teachers=teachers,
-        args=DiffusionOPDConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": prompts, "task": [tasks[i % len(tasks)] for i in range(4)]}),
-    )
+    return teachers_in_two_formats(tmp_path_factory.mktemp("flux_teachers"), tiny_flux_pipeline())
 
 
 def test_flux_opd_with_peft_diffusers_and_hub_teachers(tmp_path, flux_teachers, local_hub):
-    peft_dir, diffusers_file = flux_teachers
-    local_hub(peft_dir, "user/flux-teachers", "ocr")
-    teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/flux-teachers/ocr@main"}
-    trainer = opd_trainer(tmp_path, tiny_flux_pipeline(), teachers, guidance_scale=3.5)
-    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
-    trainer.train()
-    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
-    assert len(kls) == 2 and all(kl > 0 for kl in kls)
-    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
-    trainer.save_model(str(tmp_path / "student"))
-    fresh = tiny_flux_pipeline()
-    fresh.load_lora_weights(str(tmp_path / "student"))
-    torch.testing.assert_close(
-        pipeline_images(fresh, PROMPTS[:2], guidance_scale=3.5),
-        ode_images(trainer.pipeline, PROMPTS[:2], guidance_scale=3.5, max_sequence_length=8),
-        rtol=0,
-        atol=1e-4,
+    check_opd_with_three_teacher_formats(
+        tmp_path,
+        tiny_flux_pipeline,
+        flux_teachers,
+        local_hub,
+        PROMPTS,
+        trained_images,
+        reference_images,
+        guidance_scale=3.5,
     )
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd15", "flux-dev", "flux-schnell"])
 def test_grpo_with_default_kernel_settings_runs_on_every_family(tmp_path, family):
     """GRPO's defaults (noise 0.7, beta 0.04, `kl_scaling="sigma"`, guidance 4.5) work on every kernel (DDIM too)."""
-    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
-    trainer = grpo_trainer(
-        tmp_path,
-        BUILDERS[family](),
-        **{key: getattr(defaults, key) for key in ("noise_level", "beta", "kl_scaling", "guidance_scale")},
-    )
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
-    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
-    assert trainer._nonfinite_steps == 0
+    check_grpo_with_default_kernel_settings(tmp_path, BUILDERS[family](), PROMPTS)
 
 
 # ----- errors --------------------------------------------------------------------------------------------------------
@@ -245,7 +185,7 @@ def test_unsupported_pipeline_is_a_type_error_naming_the_families(tmp_path):
         match="OtherPipeline.*StableDiffusion3Pipeline.*FluxPipeline.*StableDiffusionXLPipeline.*QwenImagePipeline"
         ".*ZImagePipeline.*Flux2Pipeline.*Flux2KleinPipeline",
     ):
-        grpo_trainer(tmp_path, OtherPipeline())
+        grpo_trainer(tmp_path, OtherPipeline(), PROMPTS[:2])
 
 
 def test_teacher_lora_of_another_family_names_task_source_and_both_architectures(tmp_path, flux_teachers):

@@ -19,15 +19,19 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset
-from diffusers import Flux2KleinPipeline
+from family_training import (
+    check_grpo_trains_and_reloads,
+    check_grpo_with_default_kernel_settings,
+    check_opd_with_three_teacher_formats,
+    lora_modules,
+    opd_trainer,
+    teachers_in_two_formats,
+)
 
-from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.pipelines.flux2 import Flux2Family
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import (
-    TINY_TRAINING_ARGS,
     save_random_lora,
     tiny_flux2_klein_pipeline,
     tiny_flux2_pipeline,
@@ -42,10 +46,6 @@ BUILDERS = {
     "klein-distilled": lambda **kwargs: tiny_flux2_klein_pipeline(is_distilled=True, **kwargs),
     "dev": tiny_flux2_pipeline,
 }
-
-
-def brightness(prompts, images, **kwargs):
-    return images.mean(dim=(1, 2, 3)).tolist()
 
 
 def pipeline_images(pipe, prompts, guidance_scale, seed=0, steps=4, **kwargs):
@@ -205,14 +205,6 @@ def test_flux2_truncation_limit_leaves_room_for_the_chat_template():
 
 
 # ----- LoRA targets --------------------------------------------------------------------------------------------------
-def lora_modules(pipe, targets):
-    from peft import LoraConfig
-
-    denoiser = pipe.transformer
-    denoiser.add_adapter(LoraConfig(r=2, target_modules=targets))
-    return {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_parameters() if ".lora_A." in name}
-
-
 def test_flux2_default_lora_targets_cover_every_attention_projection():
     pipe = tiny_flux2_klein_pipeline()
     family = get_family(pipe)
@@ -233,101 +225,53 @@ def test_flux2_default_lora_targets_cover_every_attention_projection():
 
 
 # ----- training ------------------------------------------------------------------------------------------------------
-def grpo_trainer(tmp_path, pipe, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        beta=0.0,
-        guidance_scale=4.0,
-        max_sequence_length=TEXT_LENGTH,
-    )
-    values.update(overrides)
-    return DiffusionGRPOTrainer(
-        pipe,
-        reward_funcs=brightness,
-        args=DiffusionGRPOConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
-    )
+def trained_images(pipe, prompts):
+    return ode_images(pipe, prompts, 4.0)
+
+
+def reference_images(pipe, prompts):
+    return pipeline_images(pipe, prompts, 4.0)
 
 
 @pytest.mark.parametrize("variant", ["klein", "dev"])
 def test_flux2_grpo_trains_two_steps_and_the_saved_lora_loads_in_the_pipeline(tmp_path, variant):
-    trainer = grpo_trainer(tmp_path, BUILDERS[variant]())
-    trainer.train()
-    assert trainer.state.global_step == 2
-    trainer.save_model(str(tmp_path / "lora"))
-    trained = ode_images(trainer.pipeline, PROMPTS, 4.0)
-    fresh = BUILDERS[variant]()
-    base = pipeline_images(fresh, PROMPTS, 4.0)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    reloaded = pipeline_images(fresh, PROMPTS, 4.0)
-    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
-    assert (reloaded - base).abs().max() > 1e-5  # the LoRA trained, and loaded
+    check_grpo_trains_and_reloads(
+        tmp_path,
+        BUILDERS[variant],
+        PROMPTS,
+        trained_images,
+        reference_images,
+        guidance_scale=4.0,
+        max_sequence_length=TEXT_LENGTH,
+    )
 
 
 @pytest.fixture(scope="module")
 def flux2_teachers(tmp_path_factory):
     """Klein teachers on the family's targets (single-stream blocks too) in both formats: PEFT and diffusers."""
-    root = tmp_path_factory.mktemp("flux2_teachers")
     pipe = tiny_flux2_klein_pipeline()
     targets = get_family(pipe).lora_target_modules()
-    peft_dir = save_random_lora(pipe, root / "peft", "peft", seed=1, std=0.3, target_modules=targets)
-    diffusers_dir = save_random_lora(pipe, root / "diffusers", "diffusers", seed=2, std=0.3, target_modules=targets)
-    return peft_dir, f"{diffusers_dir}/pytorch_lora_weights.safetensors"
-
-
-def opd_trainer(tmp_path, pipe, teachers, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_inference_steps=3,
-        max_sequence_length=TEXT_LENGTH,
-    )
-    values.update(overrides)
-    tasks = list(teachers)
-    prompts = ["a red circle", "two blue squares", "a cat", "a dog"]
-    return DiffusionOPDTrainer(
-        pipe,
-        teachers=teachers,
-        args=DiffusionOPDConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": prompts, "task": [tasks[i % len(tasks)] for i in range(4)]}),
-    )
+    return teachers_in_two_formats(tmp_path_factory.mktemp("flux2_teachers"), pipe, target_modules=targets)
 
 
 def test_flux2_opd_with_peft_diffusers_and_hub_teachers(tmp_path, flux2_teachers, local_hub):
-    peft_dir, diffusers_file = flux2_teachers
-    local_hub(peft_dir, "user/flux2-teachers", "ocr")
-    teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/flux2-teachers/ocr@main"}
-    trainer = opd_trainer(tmp_path, tiny_flux2_klein_pipeline(), teachers, guidance_scale=4.0)
-    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
-    trainer.train()
-    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
-    assert len(kls) == 2 and all(kl > 0 for kl in kls)
-    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
-    trainer.save_model(str(tmp_path / "student"))
-    fresh = tiny_flux2_klein_pipeline()
-    Flux2KleinPipeline.load_lora_weights(fresh, str(tmp_path / "student"))
-    torch.testing.assert_close(
-        pipeline_images(fresh, PROMPTS[:2], 4.0), ode_images(trainer.pipeline, PROMPTS[:2], 4.0), rtol=0, atol=1e-4
+    check_opd_with_three_teacher_formats(
+        tmp_path,
+        tiny_flux2_klein_pipeline,
+        flux2_teachers,
+        local_hub,
+        PROMPTS,
+        trained_images,
+        reference_images,
+        guidance_scale=4.0,
+        max_sequence_length=TEXT_LENGTH,
     )
 
 
 @pytest.mark.parametrize("variant", ["klein", "dev"])
 def test_grpo_with_default_kernel_settings_runs_on_flux2(tmp_path, variant):
     """GRPO's defaults (noise 0.7, beta 0.04, `kl_scaling="sigma"`, guidance 4.5) give two finite steps."""
-    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
-    trainer = grpo_trainer(
-        tmp_path,
-        BUILDERS[variant](),
-        **{key: getattr(defaults, key) for key in ("noise_level", "beta", "kl_scaling", "guidance_scale")},
-    )
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
-    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
-    assert trainer._nonfinite_steps == 0
+    check_grpo_with_default_kernel_settings(tmp_path, BUILDERS[variant](), PROMPTS, max_sequence_length=TEXT_LENGTH)
 
 
 # ----- errors --------------------------------------------------------------------------------------------------------
@@ -354,7 +298,7 @@ def test_teacher_lora_of_another_family_names_task_source_and_both_architectures
         match=r"task 'a'.*flux1_lora.*Flux\.1 \(FluxTransformer2DModel\).*another model architecture.*"
         r"Flux2Transformer2DModel",
     ):
-        opd_trainer(tmp_path, tiny_flux2_klein_pipeline(), {"a": flux_lora})
+        opd_trainer(tmp_path, tiny_flux2_klein_pipeline(), {"a": flux_lora}, max_sequence_length=TEXT_LENGTH)
     peft_dir, _ = flux2_teachers
     with pytest.raises(
         ValueError, match=r"task 'b'.*peft.*FLUX\.2 \(Flux2Transformer2DModel\).*another model.*FluxTransformer2DModel"

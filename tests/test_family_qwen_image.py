@@ -13,17 +13,22 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset
 from diffusers import QwenImagePipeline
+from family_training import (
+    check_grpo_trains_and_reloads,
+    check_grpo_with_default_kernel_settings,
+    check_opd_with_three_teacher_formats,
+    lora_modules,
+    opd_trainer,
+    teachers_in_two_formats,
+)
 
-from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.pipelines.qwen_image import QwenImageFamily
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import (
     DEFAULT_WORDS,
     QWEN_TEMPLATE_WORDS,
-    TINY_TRAINING_ARGS,
     save_random_lora,
     tiny_flux_pipeline,
     tiny_qwen_image_pipeline,
@@ -33,10 +38,6 @@ from diffusion_opd_trainer.testing import (
 
 # Three token lengths: a batch of them is right-padded (with a mask) by the pipeline and by the family.
 PROMPTS = ["a red circle", "two blue squares next to a photo of a cat", "a dog"]
-
-
-def brightness(prompts, images, **kwargs):
-    return images.mean(dim=(1, 2, 3)).tolist()
 
 
 def pipeline_images(pipe, prompts, guidance_scale, seed=0, steps=4):
@@ -167,14 +168,6 @@ def test_qwen_image_default_size_comes_from_the_pipeline():
 
 
 # ----- LoRA targets --------------------------------------------------------------------------------------------------
-def lora_modules(pipe, targets):
-    from peft import LoraConfig
-
-    denoiser = pipe.transformer
-    denoiser.add_adapter(LoraConfig(r=2, target_modules=targets))
-    return {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_parameters() if ".lora_A." in name}
-
-
 def test_qwen_image_default_lora_targets_cover_every_attention_projection():
     family = get_family(tiny_qwen_image_pipeline())
     attention = {
@@ -192,93 +185,37 @@ def test_qwen_image_default_lora_targets_cover_every_attention_projection():
 
 
 # ----- training ------------------------------------------------------------------------------------------------------
-def grpo_trainer(tmp_path, pipe, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        beta=0.0,
-        guidance_scale=4.0,
-    )
-    values.update(overrides)
-    return DiffusionGRPOTrainer(
-        pipe,
-        reward_funcs=brightness,
-        args=DiffusionGRPOConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
-    )
+def trained_images(pipe, prompts):
+    return ode_images(pipe, prompts, 4.0)
+
+
+def reference_images(pipe, prompts):
+    return pipeline_images(pipe, prompts, 4.0)
 
 
 def test_qwen_image_grpo_trains_two_steps_and_the_saved_lora_loads_in_qwen_image_pipeline(tmp_path):
-    trainer = grpo_trainer(tmp_path, tiny_qwen_image_pipeline())
-    trainer.train()
-    assert trainer.state.global_step == 2
-    trainer.save_model(str(tmp_path / "lora"))
-    trained = ode_images(trainer.pipeline, PROMPTS, 4.0)
-    fresh = tiny_qwen_image_pipeline()
-    base = pipeline_images(fresh, PROMPTS, 4.0)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    reloaded = pipeline_images(fresh, PROMPTS, 4.0)
-    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
-    assert (reloaded - base).abs().max() > 1e-4  # the LoRA trained, and loaded
-
-
-@pytest.fixture(scope="module")
-def qwen_teachers(tmp_path_factory):
-    """Qwen-Image teachers in both formats: a PEFT folder and a diffusers LoRA file."""
-    root = tmp_path_factory.mktemp("qwen_teachers")
-    pipe = tiny_qwen_image_pipeline()
-    peft_dir = save_random_lora(pipe, root / "peft", "peft", seed=1, std=0.3)
-    diffusers_dir = save_random_lora(pipe, root / "diffusers", "diffusers", seed=2, std=0.3)
-    return peft_dir, f"{diffusers_dir}/pytorch_lora_weights.safetensors"
-
-
-def opd_trainer(tmp_path, pipe, teachers, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_inference_steps=3
-    )
-    values.update(overrides)
-    tasks = list(teachers)
-    prompts = ["a red circle", "two blue squares", "a cat", "a dog"]
-    return DiffusionOPDTrainer(
-        pipe,
-        teachers=teachers,
-        args=DiffusionOPDConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": prompts, "task": [tasks[i % len(tasks)] for i in range(4)]}),
+    check_grpo_trains_and_reloads(
+        tmp_path, tiny_qwen_image_pipeline, PROMPTS, trained_images, reference_images, 1e-4, guidance_scale=4.0
     )
 
 
-def test_qwen_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path, qwen_teachers, local_hub):
-    peft_dir, diffusers_file = qwen_teachers
-    local_hub(peft_dir, "user/qwen-teachers", "ocr")
-    teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/qwen-teachers/ocr@main"}
-    trainer = opd_trainer(tmp_path, tiny_qwen_image_pipeline(), teachers, guidance_scale=4.0)
-    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
-    trainer.train()
-    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
-    assert len(kls) == 2 and all(kl > 0 for kl in kls)
-    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
-    trainer.save_model(str(tmp_path / "student"))
-    fresh = tiny_qwen_image_pipeline()
-    fresh.load_lora_weights(str(tmp_path / "student"))
-    torch.testing.assert_close(
-        pipeline_images(fresh, PROMPTS[:2], 4.0), ode_images(trainer.pipeline, PROMPTS[:2], 4.0), rtol=0, atol=1e-4
+def test_qwen_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path_factory, tmp_path, local_hub):
+    teachers = teachers_in_two_formats(tmp_path_factory.mktemp("qwen_teachers"), tiny_qwen_image_pipeline())
+    check_opd_with_three_teacher_formats(
+        tmp_path,
+        tiny_qwen_image_pipeline,
+        teachers,
+        local_hub,
+        PROMPTS,
+        trained_images,
+        reference_images,
+        guidance_scale=4.0,
     )
 
 
 def test_qwen_image_grpo_with_default_kernel_settings_runs(tmp_path):
     """GRPO's defaults (noise 0.7, beta 0.04, `kl_scaling="sigma"`, guidance 4.5: CFG on) on Qwen-Image."""
-    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
-    trainer = grpo_trainer(
-        tmp_path,
-        tiny_qwen_image_pipeline(),
-        **{key: getattr(defaults, key) for key in ("noise_level", "beta", "kl_scaling", "guidance_scale")},
-    )
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
-    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
-    assert trainer._nonfinite_steps == 0
+    check_grpo_with_default_kernel_settings(tmp_path, tiny_qwen_image_pipeline(), PROMPTS)
 
 
 # ----- errors --------------------------------------------------------------------------------------------------------

@@ -12,19 +12,22 @@ import time
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import EulerDiscreteScheduler
+from family_training import (
+    check_grpo_trains_and_reloads,
+    check_grpo_with_default_kernel_settings,
+    check_opd_with_three_teacher_formats,
+    grpo_trainer,
+    teachers_in_two_formats,
+)
 
-from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
+from diffusion_opd_trainer import DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, save_random_lora, tiny_sdxl_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares", "a photo of a cat"]
-
-
-def brightness(prompts, images, **kwargs):
-    return images.mean(dim=(1, 2, 3)).tolist()
 
 
 def pipeline_images(pipe, prompts, seed=0, steps=4, **kwargs):
@@ -108,81 +111,40 @@ def test_sdxl_euler_scheduler_is_a_clear_error_before_training(tmp_path):
     pipe = tiny_sdxl_pipeline()
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(TypeError, match="EulerDiscreteScheduler.*DDIMScheduler.from_config"):
-        grpo_trainer(tmp_path, pipe)
+        grpo_trainer(tmp_path, pipe, PROMPTS[:2])
 
 
-def grpo_trainer(tmp_path, pipe, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        beta=0.0,
-        guidance_scale=5.0,
-    )
-    values.update(overrides)
-    return DiffusionGRPOTrainer(
-        pipe,
-        reward_funcs=brightness,
-        args=DiffusionGRPOConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
-    )
+def trained_images(pipe, prompts):
+    return ode_images(pipe, prompts, guidance_scale=5.0)
+
+
+def reference_images(pipe, prompts):
+    return pipeline_images(pipe, prompts, guidance_scale=5.0)
 
 
 def test_sdxl_grpo_trains_two_steps_and_the_saved_lora_loads_in_the_pipeline(tmp_path):
-    trainer = grpo_trainer(tmp_path, tiny_sdxl_pipeline())
-    trainer.train()
-    assert trainer.state.global_step == 2
-    trainer.save_model(str(tmp_path / "lora"))
-    trained = ode_images(trainer.pipeline, PROMPTS, guidance_scale=5.0)
-    fresh = tiny_sdxl_pipeline()
-    base = pipeline_images(fresh, PROMPTS, guidance_scale=5.0)
-    StableDiffusionXLPipeline.load_lora_weights(fresh, str(tmp_path / "lora"))
-    reloaded = pipeline_images(fresh, PROMPTS, guidance_scale=5.0)
-    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
-    assert (reloaded - base).abs().max() > 1e-5
+    check_grpo_trains_and_reloads(
+        tmp_path, tiny_sdxl_pipeline, PROMPTS, trained_images, reference_images, guidance_scale=5.0
+    )
 
 
 def test_sdxl_grpo_with_the_configs_default_kernel_settings(tmp_path):
-    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
-    trainer = grpo_trainer(
-        tmp_path, tiny_sdxl_pipeline(), **{k: getattr(defaults, k) for k in ("noise_level", "beta", "kl_scaling")}
+    check_grpo_with_default_kernel_settings(
+        tmp_path, tiny_sdxl_pipeline(), PROMPTS, keys=("noise_level", "beta", "kl_scaling"), guidance_scale=5.0
     )
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
-    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
 
 
-def test_sdxl_opd_with_peft_diffusers_and_hub_teachers(tmp_path, local_hub):
-    pipe = tiny_sdxl_pipeline()
-    peft_dir = save_random_lora(pipe, tmp_path / "peft", "peft", seed=1, std=0.3)
-    diffusers_dir = save_random_lora(pipe, tmp_path / "diffusers", "diffusers", seed=2, std=0.3)
-    local_hub(peft_dir, "user/sdxl-teachers", "ocr")
-    teachers = {
-        "a": peft_dir,
-        "b": f"{diffusers_dir}/pytorch_lora_weights.safetensors",
-        "c": "user/sdxl-teachers/ocr@main",
-    }
-    args = DiffusionOPDConfig(
-        **dict(TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, guidance_scale=5.0)
-    )
-    prompts = ["a red circle", "two blue squares", "a cat"]
-    trainer = DiffusionOPDTrainer(
-        pipe, teachers=teachers, args=args, train_dataset=Dataset.from_dict({"prompt": prompts, "task": list("abc")})
-    )
-    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
-    trainer.train()
-    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
-    assert len(kls) == 2 and all(kl > 0 for kl in kls)
-    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
-    trainer.save_model(str(tmp_path / "student"))
-    fresh = tiny_sdxl_pipeline()
-    fresh.load_lora_weights(str(tmp_path / "student"))
-    torch.testing.assert_close(
-        pipeline_images(fresh, PROMPTS[:2], guidance_scale=5.0),
-        ode_images(trainer.pipeline, PROMPTS[:2], guidance_scale=5.0),
-        rtol=0,
-        atol=1e-4,
+def test_sdxl_opd_with_peft_diffusers_and_hub_teachers(tmp_path_factory, tmp_path, local_hub):
+    teachers = teachers_in_two_formats(tmp_path_factory.mktemp("sdxl_teachers"), tiny_sdxl_pipeline())
+    check_opd_with_three_teacher_formats(
+        tmp_path,
+        tiny_sdxl_pipeline,
+        teachers,
+        local_hub,
+        PROMPTS,
+        trained_images,
+        reference_images,
+        guidance_scale=5.0,
     )
 
 

@@ -15,16 +15,21 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
+from family_training import (
+    check_grpo_trains_and_reloads,
+    check_grpo_with_default_kernel_settings,
+    check_opd_with_three_teacher_formats,
+    lora_modules,
+    opd_trainer,
+    teachers_in_two_formats,
+)
 
-from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionOPDConfig, DiffusionOPDTrainer
 from diffusion_opd_trainer import lora as lora_module
 from diffusion_opd_trainer.pipelines import get_family
 from diffusion_opd_trainer.pipelines.z_image import ZImageFamily
 from diffusion_opd_trainer.rollout import rollout
 from diffusion_opd_trainer.testing import (
-    TINY_TRAINING_ARGS,
     save_random_lora,
     tiny_flux_pipeline,
     tiny_z_image_pipeline,
@@ -38,10 +43,6 @@ Z_IMAGE_MARKERS = (
     ("attention.to_", "Z-Image (ZImageTransformer2DModel)"),
     ("feed_forward.w", "Z-Image (ZImageTransformer2DModel)"),
 )
-
-
-def brightness(prompts, images, **kwargs):
-    return images.mean(dim=(1, 2, 3)).tolist()
 
 
 def pipeline_images(pipe, prompts, seed=0, steps=4, size=32, **kwargs):
@@ -240,14 +241,6 @@ def test_z_image_prompt_embeddings_are_the_pipelines_unpadded_per_prompt():
 
 
 # ----- LoRA targets --------------------------------------------------------------------------------------------------
-def lora_modules(pipe, targets):
-    from peft import LoraConfig
-
-    denoiser = pipe.transformer
-    denoiser.add_adapter(LoraConfig(r=2, target_modules=targets))
-    return {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_parameters() if ".lora_A." in name}
-
-
 def test_z_image_default_lora_targets_cover_the_attention_of_every_stream():
     family = get_family(tiny_z_image_pipeline())
     blocks = ("noise_refiner.0", "context_refiner.0", "layers.0")  # image refiner, text refiner, single stream
@@ -258,104 +251,46 @@ def test_z_image_default_lora_targets_cover_the_attention_of_every_stream():
 
 
 # ----- training ------------------------------------------------------------------------------------------------------
-def grpo_trainer(tmp_path, pipe, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        beta=0.0,
-        guidance_scale=4.0,
-        resolution=32,
-        max_sequence_length=TEXT_LENGTH,
-    )
-    values.update(overrides)
-    return DiffusionGRPOTrainer(
-        pipe,
-        reward_funcs=brightness,
-        args=DiffusionGRPOConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
-    )
-
-
-def test_z_image_grpo_trains_two_steps_and_the_saved_lora_loads_in_z_image_pipeline(tmp_path):
-    trainer = grpo_trainer(tmp_path, tiny_z_image_pipeline())
-    trainer.train()
-    assert trainer.state.global_step == 2
-    trainer.save_model(str(tmp_path / "lora"))
-    trained = ode_images(trainer.pipeline, PROMPTS, guidance_scale=4.0)
-    fresh = tiny_z_image_pipeline()
-    base = pipeline_images(fresh, PROMPTS, guidance_scale=4.0)
-    ZImagePipeline.load_lora_weights(fresh, str(tmp_path / "lora"))
-    reloaded = pipeline_images(fresh, PROMPTS, guidance_scale=4.0)
-    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
-    assert (reloaded - base).abs().max() > 1e-5  # the LoRA trained, and loaded
+SIZE = dict(resolution=32, max_sequence_length=TEXT_LENGTH)
 
 
 @pytest.fixture(scope="module")
 def z_image_teachers(tmp_path_factory):
-    """Z-Image teachers in both formats: a PEFT folder and a diffusers LoRA file."""
-    root = tmp_path_factory.mktemp("z_image_teachers")
+    """Z-Image teachers on the family's targets in both formats: a PEFT folder and a diffusers LoRA file."""
     pipe = tiny_z_image_pipeline()
     targets = get_family(pipe).lora_target_modules()
-    peft_dir = save_random_lora(pipe, root / "peft", "peft", seed=1, std=0.3, target_modules=targets)
-    diffusers_dir = save_random_lora(pipe, root / "diffusers", "diffusers", seed=2, std=0.3, target_modules=targets)
-    return peft_dir, f"{diffusers_dir}/pytorch_lora_weights.safetensors"
+    return teachers_in_two_formats(tmp_path_factory.mktemp("z_image_teachers"), pipe, target_modules=targets)
 
 
-def opd_trainer(tmp_path, pipe, teachers, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS,
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_inference_steps=3,
-        resolution=32,
-        max_sequence_length=TEXT_LENGTH,
-    )
-    values.update(overrides)
-    tasks = list(teachers)
-    prompts = ["a red circle", "two blue squares", "a cat", "a dog"]
-    return DiffusionOPDTrainer(
-        pipe,
-        teachers=teachers,
-        args=DiffusionOPDConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": prompts, "task": [tasks[i % len(tasks)] for i in range(4)]}),
+def test_z_image_grpo_trains_two_steps_and_the_saved_lora_loads_in_z_image_pipeline(tmp_path):
+    check_grpo_trains_and_reloads(
+        tmp_path,
+        tiny_z_image_pipeline,
+        PROMPTS,
+        lambda pipe, prompts: ode_images(pipe, prompts, guidance_scale=4.0),
+        lambda pipe, prompts: pipeline_images(pipe, prompts, guidance_scale=4.0),
+        guidance_scale=4.0,
+        **SIZE,
     )
 
 
 def test_z_image_opd_with_peft_diffusers_and_hub_teachers(tmp_path, z_image_teachers, local_hub):
-    peft_dir, diffusers_file = z_image_teachers
-    local_hub(peft_dir, "user/z-image-teachers", "ocr")
-    teachers = {"a": peft_dir, "b": diffusers_file, "c": "user/z-image-teachers/ocr@main"}
-    trainer = opd_trainer(tmp_path, tiny_z_image_pipeline(), teachers, guidance_scale=0.0)  # Turbo-style
-    assert [trainer.teachers[t].format for t in "abc"] == ["peft", "diffusers", "peft"]
-    trainer.train()
-    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
-    assert len(kls) == 2 and all(kl > 0 for kl in kls)
-    assert trainer.teachers_unchanged() == {"a": True, "b": True, "c": True}
-    trainer.save_model(str(tmp_path / "student"))
-    fresh = tiny_z_image_pipeline()
-    fresh.load_lora_weights(str(tmp_path / "student"))
-    torch.testing.assert_close(
-        pipeline_images(fresh, PROMPTS[:2], guidance_scale=0.0),
-        ode_images(trainer.pipeline, PROMPTS[:2], guidance_scale=0.0),
-        rtol=0,
-        atol=1e-4,
+    check_opd_with_three_teacher_formats(
+        tmp_path,
+        tiny_z_image_pipeline,
+        z_image_teachers,
+        local_hub,
+        PROMPTS,
+        lambda pipe, prompts: ode_images(pipe, prompts, guidance_scale=0.0),
+        lambda pipe, prompts: pipeline_images(pipe, prompts, guidance_scale=0.0),
+        guidance_scale=0.0,  # Turbo-style
+        **SIZE,
     )
 
 
 def test_z_image_grpo_with_default_kernel_settings_runs(tmp_path):
     """GRPO's defaults (noise 0.7, beta 0.04, `kl_scaling="sigma"`, guidance 4.5: CFG scale 5.5 here)."""
-    defaults = DiffusionGRPOConfig(output_dir=str(tmp_path / "defaults"))
-    trainer = grpo_trainer(
-        tmp_path,
-        tiny_z_image_pipeline(),
-        **{key: getattr(defaults, key) for key in ("noise_level", "beta", "kl_scaling", "guidance_scale")},
-    )
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
-    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
-    assert trainer._nonfinite_steps == 0
+    check_grpo_with_default_kernel_settings(tmp_path, tiny_z_image_pipeline(), PROMPTS, **SIZE)
 
 
 # ----- errors --------------------------------------------------------------------------------------------------------
@@ -370,10 +305,10 @@ def test_teacher_lora_of_another_family_names_task_source_and_both_architectures
         ValueError,
         match=r"task 'a'.*flux_lora.*Flux\.1 \(FluxTransformer2DModel\).*another model.*ZImageTransformer2DModel",
     ):
-        opd_trainer(tmp_path, tiny_z_image_pipeline(), {"a": flux_lora})
+        opd_trainer(tmp_path, tiny_z_image_pipeline(), {"a": flux_lora}, **SIZE)
     peft_dir, _ = z_image_teachers
     with pytest.raises(
         ValueError,
         match=r"task 'b'.*peft.*Z-Image \(ZImageTransformer2DModel\).*another model.*FluxTransformer2DModel",
     ):
-        opd_trainer(tmp_path, tiny_flux_pipeline(), {"b": peft_dir}, resolution=None, max_sequence_length=None)
+        opd_trainer(tmp_path, tiny_flux_pipeline(), {"b": peft_dir})
