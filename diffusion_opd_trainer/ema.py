@@ -4,11 +4,14 @@ import contextlib
 
 import torch
 
+from .lora import copy_full_, full_tensor
+
 
 class LoRAEMA:
     """
     EMA of a set of parameters, updated every `update_interval` optimizer steps:
-    `shadow = decay * shadow + (1 - decay) * param`.
+    `shadow = decay * shadow + (1 - decay) * param`. The averages are whole tensors on every process, also when FSDP
+    shards the parameters (each is gathered for an update: every process must call [`step`] and [`swapped_in`]).
 
     Args:
         parameters (`dict[str, torch.nn.Parameter]`): the trained parameters, by name.
@@ -29,22 +32,20 @@ class LoRAEMA:
         if global_step % self.update_interval:
             return
         for name, parameter in self.parameters.items():
-            self.shadow[name].lerp_(parameter.detach().float(), 1 - self.decay)
+            self.shadow[name].lerp_(full_tensor(parameter.detach()).float(), 1 - self.decay)
         self.num_updates += 1
 
     @contextlib.contextmanager
     def swapped_in(self):
         """Runs the block with the EMA weights in the parameters, then puts the trained weights back."""
-        backup = {name: p.detach().clone() for name, p in self.parameters.items()}
+        backup = {name: full_tensor(p.detach()).clone() for name, p in self.parameters.items()}
         try:
-            with torch.no_grad():
-                for name, parameter in self.parameters.items():
-                    parameter.copy_(self.shadow[name].to(parameter.dtype))
+            for name, parameter in self.parameters.items():
+                copy_full_(parameter, self.shadow[name].to(parameter.dtype))
             yield
         finally:
-            with torch.no_grad():
-                for name, parameter in self.parameters.items():
-                    parameter.copy_(backup[name])
+            for name, parameter in self.parameters.items():
+                copy_full_(parameter, backup[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"shadow.{name}": value.cpu().contiguous() for name, value in self.shadow.items()}

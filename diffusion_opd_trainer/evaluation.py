@@ -477,7 +477,10 @@ class EvaluationCallback(TrainerCallback):
         self._last_step = -1
 
     def _run(self, args, state) -> None:
-        if not state.is_world_process_zero or state.global_step == self._last_step:
+        # Under FSDP the sharded denoiser's forwards need every process: all sample, the main one writes and logs.
+        every_process = bool(getattr(self.trainer, "shards_parameters", False))
+        main = state.is_world_process_zero
+        if not (main or every_process) or state.global_step == self._last_step:
             return
         if self.trainer is None:
             raise ValueError("`EvaluationCallback` logs through its trainer: pass `trainer=` (ours attach themselves)")
@@ -488,10 +491,10 @@ class EvaluationCallback(TrainerCallback):
                 task: [reward for _, reward in items] for task, items in self._built_rewards.items()
             }
         self._last_step = state.global_step
-        output_dir = os.path.join(args.output_dir, "evaluation", f"step-{state.global_step}")
+        output_dir = os.path.join(args.output_dir, "evaluation", f"step-{state.global_step}") if main else None
         kwargs = dict(self.evaluate_kwargs)
         collector = None
-        if getattr(args, "log_images_steps", 0):
+        if getattr(args, "log_images_steps", 0) and main:
             # The first images, captioned with their prompts and scores, go to TensorBoard / W&B as `eval/images`.
             collector = ImageCollector()
             user_hook = kwargs.get("on_batch")
@@ -517,6 +520,8 @@ class EvaluationCallback(TrainerCallback):
             **kwargs,
         )
         self.results.append(result)
+        if not main:
+            return
         logs = {f"eval/{label}": result.metrics[task][metric] for task, metric, label in _column_labels([result])}
         # Our trainers' `log_evaluation` keeps the pending training metrics out of this entry.
         getattr(self.trainer, "log_evaluation", self.trainer.log)(logs)

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,34 @@ def lora_parameters(denoiser: torch.nn.Module, adapter_name: str) -> dict[str, t
     return {name: p for name, p in denoiser.named_parameters() if "lora_" in name and name.endswith(suffix)}
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    `tensor` whole: a `DTensor` (a parameter FSDP2 shards across processes) gathered from every process, any other
+    tensor as it is. Gathering is a collective: under FSDP every process must call it, on the same tensors in the same
+    order (as `torch.distributed.checkpoint`'s full state dicts gather each `DTensor` with `full_tensor`).
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def copy_full_(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """
+    Copies the whole tensor `value` into `parameter`; into a `DTensor` (FSDP2's sharded parameter) as this process's
+    shard, cut from `value` locally (every process holds `value` whole, so nothing is communicated).
+    """
+    if isinstance(parameter, DTensor):
+        value = value.to(device=parameter.device, dtype=parameter.dtype)
+        value = distribute_tensor(value, parameter.device_mesh, parameter.placements, src_data_rank=None)
+    parameter.copy_(value)
+
+
 def adapter_checksum(denoiser: torch.nn.Module, adapter_name: str) -> float:
-    """A cheap fingerprint of one adapter's weights (sum of absolute values, in float64)."""
-    return float(sum(p.detach().double().abs().sum() for p in lora_parameters(denoiser, adapter_name).values()))
+    """
+    A cheap fingerprint of one adapter's weights (sum of absolute values, in float64). Under FSDP each weight is
+    gathered whole first, so the fingerprint is the same on every process and equals the unsharded one (a collective).
+    """
+    parameters = lora_parameters(denoiser, adapter_name).values()
+    return float(sum(full_tensor(p.detach()).double().abs().sum() for p in parameters))
 
 
 def _tuner_layers(denoiser: torch.nn.Module):
@@ -450,8 +476,18 @@ def load_adapter_weights(
         adapter_name (`str`): the adapter to load into.
         source (`str`): what the weights are, for the error message (e.g. `"Checkpoint out/checkpoint-2"`).
     """
-    result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    parameters = lora_parameters(denoiser, adapter_name)
+    if any(isinstance(p, DTensor) for p in parameters.values()):
+        # Sharded by FSDP2: `load_state_dict` cannot copy a whole tensor into a DTensor; each process copies its shard.
+        by_key = {name.replace(f".{adapter_name}.weight", ".weight"): p for name, p in parameters.items()}
+        unexpected = [k for k in state_dict if k.removeprefix("base_model.model.") not in by_key and "lora_" in k]
+        if not unexpected:
+            for key, value in state_dict.items():
+                if key.removeprefix("base_model.model.") in by_key:
+                    copy_full_(by_key[key.removeprefix("base_model.model.")], value)
+    else:
+        result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise ValueError(
             f"{source}: keys not loaded into the denoiser's adapter {adapter_name!r}, e.g. {unexpected[:3]}."
@@ -486,6 +522,9 @@ def load_adapter(
 
 
 def adapter_state_dict(denoiser: torch.nn.Module, adapter_name: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
-    """One adapter's weights with PEFT's key names (no adapter name in the keys), detached, contiguous, on CPU."""
+    """
+    One adapter's weights with PEFT's key names (no adapter name in the keys), detached, contiguous, on CPU; whole
+    under FSDP too (each weight gathered from every process with [`full_tensor`]: every process must call it).
+    """
     state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    return {k: full_tensor(v.detach()).to("cpu", copy=True).contiguous() for k, v in state.items()}

@@ -283,10 +283,21 @@ class DiffusionOPDTrainer(TeacherSupport, DiffusionTrainerBase):
         parts = []
         if student_rows:
             parts.append((student_rows, self.sample_trajectories(embeds[student_rows])))
-        for task in dict.fromkeys(tasks[i] for i in teacher_rows):
+        teacher_tasks = list(dict.fromkeys(tasks[i] for i in teacher_rows))
+        same_forwards = self.same_forwards_across_processes()
+        if same_forwards is not None:  # FSDP: every teacher that samples on any process samples here too
+            names = list(self.teachers)
+            needed = same_forwards([task in teacher_tasks for task in names])
+            teacher_tasks = [task for task, run in zip(names, needed) if run]
+        for task in teacher_tasks:
             rows = [i for i in teacher_rows if tasks[i] == task]
             teacher = self.teachers[task]
             with as_teacher(self.family.denoiser, teacher):
+                if not rows:  # another process's teacher: the same forwards on one row, discarded, noise untouched
+                    noise = self.rollout_generator.get_state()
+                    self.sample_trajectories(embeds[[0]], guidance_scale=self.teacher_guidance_scale(teacher))
+                    self.rollout_generator.set_state(noise)
+                    continue
                 trajectory = self.sample_trajectories(
                     embeds[rows], guidance_scale=self.teacher_guidance_scale(teacher)
                 )

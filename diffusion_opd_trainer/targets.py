@@ -6,7 +6,7 @@ Computed without gradient, between the rollout (`rollout.py`) and the per-step l
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Optional
 
@@ -123,6 +123,7 @@ def teacher_means(
     noise_level: float,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     batched: bool = True,
+    same_forwards: Optional[Callable[[Sequence[bool]], list[bool]]] = None,
 ) -> torch.Tensor:
     """
     Each sample's teacher transition mean from state `x` at timestep `t`, with the student's kernel (the KL between
@@ -143,52 +144,105 @@ def teacher_means(
         noise_level (`float`): the student's noise level.
         autocast (callable, *optional*): returns the context of the denoiser's forward (the trainer's autocast).
         batched (`bool`, defaults to `True`): share forwards across tasks; `False` runs one forward per task.
+        same_forwards (callable, *optional*): makes every process run the same denoiser forwards, as FSDP needs (each
+            forward gathers the sharded weights from every process, so a process that skipped one would hang the
+            others). Given this process's flags over forward groups listed alike on every process, it returns whether
+            any process has each group; a group this process lacks runs on one row whose result is discarded, and
+            whether the forwards are shared across tasks is decided from the teachers, not from this batch's tasks.
 
     Returns:
         `torch.Tensor` shaped like `x`, float32.
     """
-    if batched and len(set(tasks)) > 1 and family.denoiser not in _NO_MIXED_BATCHES:
+    aligned = same_forwards is not None
+    several_tasks = len(teachers) > 1 if aligned else len(set(tasks)) > 1
+    if batched and several_tasks and family.denoiser not in _NO_MIXED_BATCHES:
         try:
-            return _batched_teacher_means(
-                family, teachers, x, t, embeds, tasks, guidance_scales, noise_level, autocast
-            )
+            if aligned:  # checked on every process before any forward, so that all of them fall back together
+                with mixed_adapters(family.denoiser, [teacher.adapter_name for teacher in teachers.values()]):
+                    pass
         except MixedAdapterBatchError as error:
             _NO_MIXED_BATCHES.add(family.denoiser)
             logger.warning("The teachers run one forward per task: %s.", error)
+        else:
+            try:
+                return _batched_teacher_means(
+                    family, teachers, x, t, embeds, tasks, guidance_scales, noise_level, autocast, same_forwards
+                )
+            except MixedAdapterBatchError as error:
+                if aligned:  # failed inside a forward that other processes may have finished: no way back
+                    raise RuntimeError(
+                        f"The teachers' shared forward failed ({error}) under FSDP, where every process must run the "
+                        "same forwards: set `trainer.batch_teacher_forwards = False` (one forward per task)."
+                    ) from error
+                _NO_MIXED_BATCHES.add(family.denoiser)
+                logger.warning("The teachers run one forward per task: %s.", error)
     means = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for task in dict.fromkeys(tasks):
-        rows = [i for i, name in enumerate(tasks) if name == task]
+    order = list(teachers) if aligned else list(dict.fromkeys(tasks))
+    here = [task in tasks for task in order]
+    for task, needed, present in zip(order, same_forwards(here) if aligned else here, here):
+        if not needed:
+            continue
+        rows = [i for i, name in enumerate(tasks) if name == task] if present else [0]
         index = torch.tensor(rows, device=x.device)
         with as_teacher(family.denoiser, teachers[task]):
-            means[index] = _transition_mean(
-                family, x[index], t, embeds[rows], guidance_scales[task], noise_level, autocast
-            )
+            mean = _transition_mean(family, x[index], t, embeds[rows], guidance_scales[task], noise_level, autocast)
+        if present:  # else the forward another process needed, on one row, discarded
+            means[index] = mean
     return means
 
 
-def _forward_groups(family: PipelineFamily, scales: list[float]) -> list[list[int]]:
+def _forward_group_key(family: PipelineFamily, scales: Sequence[float]) -> Callable[[float], Hashable]:
     """
-    The rows (of per-row CFG scales `scales`) that can share one denoiser forward. Where a scale enters only after
-    the forward (the family's `guidance_scale` is its CFG scale and it keeps the base `predict`), rows of any scales
-    share it, split only into rows with CFG (a `2B` forward) and without (`B`): running the negative half for rows
-    that do not need it would cost more than a second forward. Elsewhere (Flux.1-dev and FLUX.2 [dev] embed the scale
-    in the forward, SDXL's guidance-distilled UNets too, Z-Image truncates CFG by it) rows share a forward only with
-    rows of the same scale.
+    What decides which rows (of CFG scales among `scales`) can share one denoiser forward. Where a scale enters only
+    after the forward (the family's `guidance_scale` is its CFG scale and it keeps the base `predict`), rows of any
+    scales share it, split only into rows with CFG (a `2B` forward) and without (`B`): running the negative half for
+    rows that do not need it would cost more than a second forward. Elsewhere (Flux.1-dev and FLUX.2 [dev] embed the
+    scale in the forward, SDXL's guidance-distilled UNets too, Z-Image truncates CFG by it) rows share a forward only
+    with rows of the same scale.
     """
     distinct = set(scales)
     after_forward = type(family).predict is PipelineFamily.predict and all(family.cfg_scale(s) == s for s in distinct)
+    return (lambda scale: family.cfg_scale(scale) != 1.0) if after_forward else (lambda scale: scale)
+
+
+def _forward_groups(family: PipelineFamily, scales: list[float]) -> list[list[int]]:
+    """The rows (of per-row CFG scales `scales`) that can share one denoiser forward (see `_forward_group_key`)."""
+    key = _forward_group_key(family, scales)
     groups: dict = {}
     for row, scale in enumerate(scales):
-        key = family.cfg_scale(scale) != 1.0 if after_forward else scale
-        groups.setdefault(key, []).append(row)
+        groups.setdefault(key(scale), []).append(row)
     return list(groups.values())
 
 
-def _batched_teacher_means(family, teachers, x, t, embeds, tasks, guidance_scales, noise_level, autocast):
+def _aligned_forward_groups(family, teachers, tasks, guidance_scales, same_forwards) -> list[tuple[list[int], str]]:
+    """
+    The forward groups of every process (see `teacher_means`' `same_forwards`), in an order that is the same on each:
+    `(rows, task)` pairs, `rows` empty where only another process has rows of the group (`task` is then a teacher of
+    the group, whose forward this process runs on one row).
+    """
+    key = _forward_group_key(family, [guidance_scales[task] for task in teachers])
+    # The groups any process can have, in the teachers' order, each with its first teacher.
+    keys = dict.fromkeys(key(guidance_scales[task]) for task in teachers)
+    first = {k: next(task for task in teachers if key(guidance_scales[task]) == k) for k in keys}
+    rows = {k: [i for i, task in enumerate(tasks) if key(guidance_scales[task]) == k] for k in keys}
+    needed = same_forwards([bool(rows[k]) for k in keys])
+    return [(rows[k], first[k]) for k, run in zip(keys, needed) if run]
+
+
+def _batched_teacher_means(
+    family, teachers, x, t, embeds, tasks, guidance_scales, noise_level, autocast, same_forwards=None
+):
     means = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for rows in _forward_groups(family, [guidance_scales[task] for task in tasks]):
+    if same_forwards is None:
+        scales = [guidance_scales[task] for task in tasks]
+        groups = [(rows, tasks[rows[0]]) for rows in _forward_groups(family, scales)]
+    else:
+        groups = _aligned_forward_groups(family, teachers, tasks, guidance_scales, same_forwards)
+    for rows, first_task in groups:
+        present = bool(rows)
+        rows = rows or [0]  # another process's group: its forward here on one row, discarded
         index = torch.tensor(rows, device=x.device)
-        group_tasks = [tasks[i] for i in rows]
+        group_tasks = [tasks[i] for i in rows] if present else [first_task]
         scales = [guidance_scales[task] for task in group_tasks]
         if len(set(group_tasks)) == 1:
             # One teacher: switched to as the only active adapter, as without batching (no gather per layer).
@@ -198,7 +252,8 @@ def _batched_teacher_means(family, teachers, x, t, embeds, tasks, guidance_scale
         with context, autocast():
             # One scale: `predict` as usual; several (rows that all run CFG, see `_forward_groups`): one per row.
             velocity = family.predict(x[index], t, embeds[rows], scales[0] if len(set(scales)) == 1 else scales)
-        means[index] = sde_step(
-            family.scheduler, velocity, t, x[index], noise_level=noise_level, prev_sample=x[index]
-        ).mean
+        if present:
+            means[index] = sde_step(
+                family.scheduler, velocity, t, x[index], noise_level=noise_level, prev_sample=x[index]
+            ).mean
     return means

@@ -120,6 +120,7 @@ class TeacherSupport:
             noise_level=self.args.noise_level,
             autocast=self.compute_loss_context_manager,
             batched=self.batch_teacher_forwards,
+            same_forwards=self.same_forwards_across_processes(),
         )
         if not self._teacher_targets_checked:
             check_teacher_targets(means, x, tasks, self.teachers)

@@ -44,6 +44,7 @@ from .prompt_sampler import PromptSampler, RolloutBuffer
 from .quiet import quiet_pipeline_imports
 from .rewards import reward_name
 from .rollout import Trajectory, rollout
+from .scale_out import ScaleOutSupport
 from .scoring import RewardError, RewardSet
 from .sde import check_scheduler
 
@@ -67,6 +68,7 @@ class _EMACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
+            self.trainer._bind_ema()
             self.trainer.ema.step(state.global_step)
 
 
@@ -88,7 +90,7 @@ class _TensorBoardCallback(TensorBoardCallback):
         super().on_train_begin(args, state, control, **kwargs)
 
 
-class DiffusionTrainerBase(Trainer):
+class DiffusionTrainerBase(ScaleOutSupport, Trainer):
     """
     Shared machinery of [`DiffusionGRPOTrainer`] and [`DiffusionOPDTrainer`]; not used directly.
 
@@ -318,7 +320,7 @@ class DiffusionTrainerBase(Trainer):
         forward with gradient and returns `(loss, stats)`; the loss, scaled by [`loss_scale`] and `weight`, is
         backpropagated at once (one backward per step, so only one step's activations are alive at a time). Under DDP
         every backward but the last runs inside `no_sync`, so the step pays one gradient all-reduce, not one per
-        timestep.
+        timestep (FSDP2 and DeepSpeed: see [`~scale_out.ScaleOutSupport.backward_context`]).
 
         Args:
             model (`torch.nn.Module`): the (wrapped) denoiser being trained.
@@ -335,9 +337,9 @@ class DiffusionTrainerBase(Trainer):
         for k, j in enumerate(steps):
             self.report_phase(f"train {k + 1}/{len(steps)}")
             last = k == len(steps) - 1
-            with self.accelerator.no_sync(model) if not last else contextlib.nullcontext():
+            with self.backward_context(model, last):
                 loss, stats[j] = step_loss(j)
-                self.accelerator.backward(loss * scale)
+                self.accelerator.backward(loss * scale, **self.backward_kwargs())
             if not bool(torch.isfinite(loss.detach())):
                 self.note_nonfinite(f"rollout step {j}")
             total += loss.detach() * scale
@@ -356,8 +358,10 @@ class DiffusionTrainerBase(Trainer):
         `nonfinite_steps` and warns; after `max_nonfinite_steps` such steps in a row, stops with an error.
         """
         parameters = [p for p in self.model.parameters() if p.requires_grad]
+        # Under FSDP2 a gradient is a DTensor: each process checks its shard, and the flags are gathered below.
         bad = bool(self._nonfinite_sources) or any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in parameters
+            p.grad is not None and not bool(torch.isfinite(getattr(p.grad, "_local_tensor", p.grad)).all())
+            for p in parameters
         )
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.gather(torch.tensor([float(bad)], device=self.accelerator.device))
@@ -372,6 +376,7 @@ class DiffusionTrainerBase(Trainer):
         self._consecutive_nonfinite += 1
         step = self.state.global_step + 1
         where = f" from {', '.join(sources)}" if sources else " (in the gradients)"
+        self._raise_if_step_taken(step, where)
         logger.warning(
             "Step %d: non-finite loss or gradient%s; the optimizer step was skipped, no weight changed (%d in a row).",
             step,
@@ -392,9 +397,12 @@ class DiffusionTrainerBase(Trainer):
         `log_gradient_cosine`). Without the diagnostic (or with fewer than two rows) runs the whole batch at once.
         """
         halves = batch_size >= 2 and self.args.log_gradient_cosine
-        if halves and self.accelerator.num_processes > 1:
+        if halves and (self.accelerator.num_processes > 1 or self.uses_deepspeed):
             if not getattr(self, "_warned_gradient_cosine", False):
-                logger.warning("`log_gradient_cosine` runs on one process only; it is skipped with several.")
+                logger.warning(
+                    "`log_gradient_cosine` runs on one process without DeepSpeed only (DeepSpeed keeps the gradients "
+                    "in its engine); it is skipped."
+                )
                 self._warned_gradient_cosine = True
             halves = False
         if not halves:
@@ -484,11 +492,14 @@ class DiffusionTrainerBase(Trainer):
         except RewardError as error:
             step = self.state.global_step + 1
             folder = os.path.join(self.args.output_dir, INTERRUPTED_DIR)
-            try:
-                self._save(folder)
-                saved = f"the LoRA as of step {step - 1} is saved to {folder}"
-            except Exception as save_error:  # the reward's error matters more; say why nothing was saved
-                saved = f"the LoRA could not be saved ({save_error})"
+            if self.shards_parameters:  # saving gathers the LoRA from every process, which are not all here
+                saved = "the LoRA is not saved under FSDP; the last checkpoint is intact"
+            else:
+                try:
+                    self._save(folder)
+                    saved = f"the LoRA as of step {step - 1} is saved to {folder}"
+                except Exception as save_error:  # the reward's error matters more; say why nothing was saved
+                    saved = f"the LoRA could not be saved ({save_error})"
             raise RewardError(error.reward, f"{error} (at step {step}; {saved}).") from error
 
     # ----- metrics ---------------------------------------------------------------------------------------------------
@@ -550,7 +561,9 @@ class DiffusionTrainerBase(Trainer):
         Samples the evaluation prompts with the deterministic ODE sampler (`eval_num_inference_steps`,
         `eval_guidance_scale`, seeds from `eval_seed`; the EMA weights when EMA is on) through the evaluation harness
         ([`~evaluation.evaluate`]) and logs `<prefix>_reward` and `<prefix>_rewards/<name>/mean` (with per-task
-        rewards, `<name>` is the task). Runs on the main process; the others wait for its metrics.
+        rewards, `<name>` is the task). Runs on the main process; the others wait for its metrics. Under FSDP every
+        process samples alike (the sharded denoiser's forwards need every process) and the main process's metrics
+        are logged.
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
@@ -561,16 +574,17 @@ class DiffusionTrainerBase(Trainer):
         args = self.args
         metrics: dict[str, float] = {}
         collector = None
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.shards_parameters:
             start = time.time()
             # Per-task rewards: the harness splits the prompts by their `task` column.
             named = dict(zip(reward_set.names, reward_set.funcs))
             height, width = self.image_size
             was_training = self.model.training
             # The first images, captioned with their prompts and scores, go to TensorBoard / W&B after the metrics.
-            if args.log_images_steps:
+            if args.log_images_steps and self.accelerator.is_main_process:
                 collector = ImageCollector()
             self.model.eval()
+            self._bind_ema()
             with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
                 result = evaluate(
                     self.pipeline,
@@ -616,7 +630,11 @@ class DiffusionTrainerBase(Trainer):
 
     def log_evaluation(self, metrics: dict[str, float]) -> None:
         """Logs evaluation metrics through `Trainer.log`, as an entry of their own (no pending train metrics)."""
+        # `Trainer.log` clears `control.should_log`: called by a callback's `on_step_end` (`EvaluationCallback`), it
+        # would cancel the step's own log on this process only, and the others would wait in its loss gather.
+        should_log = self.control.should_log
         Trainer.log(self, metrics)
+        self.control.should_log = should_log
 
     # ----- saving and resuming ---------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None, ignore_keys_for_eval=None):
@@ -634,6 +652,7 @@ class DiffusionTrainerBase(Trainer):
             problems = checkpoint_problems(resume_from_checkpoint, PEFT_WEIGHT_NAME)
             if problems:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        self.check_scale_out()
         if self.accelerator.is_main_process:
             self.log_memory_estimate()
         return super().train(
@@ -696,13 +715,17 @@ class DiffusionTrainerBase(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         """Writes the student LoRA (diffusers + PEFT formats; the EMA weights as the deliverable when EMA is on)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        # Under FSDP the adapters are sharded: every process takes part in gathering them (and in the teachers'
+        # checksums), then only the main process writes.
+        if not (self.args.should_save or self.shards_parameters):
             return
+        self._reshard()
         self._check_before_save()
         denoiser = self.unwrapped_denoiser
         trained = adapter_state_dict(denoiser, STUDENT_ADAPTER)
         deliverable = trained
         if self.ema is not None:
+            self._bind_ema()
             with self.ema.swapped_in():
                 deliverable = adapter_state_dict(denoiser, STUDENT_ADAPTER)
         for name, weights in (("trained", trained), ("EMA", deliverable)):
@@ -712,6 +735,8 @@ class DiffusionTrainerBase(Trainer):
                     f"Refusing to save to {output_dir}: the {name} LoRA weights have NaN or infinite values in "
                     f"{len(nonfinite)} tensor(s), e.g. {nonfinite[:3]}. Earlier checkpoints are left as they were."
                 )
+        if not self.args.should_save:
+            return
         os.makedirs(output_dir, exist_ok=True)
         if self.ema is not None:
             _save_file_atomic(self.ema.state_dict(), os.path.join(output_dir, EMA_STATE_NAME))
@@ -742,6 +767,7 @@ class DiffusionTrainerBase(Trainer):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"Checkpoint {resume_from_checkpoint} has no {PEFT_WEIGHT_NAME} to resume from.")
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
+        self._reshard()  # under FSDP2 each process copies its shard of the weights (`lora.load_adapter_weights`)
         load_adapter_weights(self.unwrapped_denoiser, state, STUDENT_ADAPTER, f"Checkpoint {resume_from_checkpoint}")
         ema_file = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
         if self.ema is not None and os.path.isfile(ema_file):

@@ -242,3 +242,19 @@ def test_one_seeded_sampler_for_the_harness_and_the_toy_world(pipe):
     torch.testing.assert_close(whole, batched)  # the same noise; batched matmuls may differ in the last bits
     toy_images = toy.model.sample(pipe, PROMPTS, num_inference_steps=2, guidance_scale=1.0, seed=3, batch_size=2)
     assert torch.equal(toy_images, batched.cpu())
+
+
+def test_callback_in_training_keeps_each_steps_own_log(tmp_path):
+    """
+    An evaluation logged from `on_step_end` does not cancel the step's training log (`Trainer.log` clears
+    `should_log`): under several processes the others would wait in that log's loss gather.
+    """
+    from test_grpo import make_trainer
+
+    trainer = make_trainer(tmp_path, max_steps=2)
+    callback = EvaluationCallback(trainer.pipeline, PROMPTS[:1], [mean_pixel], eval_steps=1, num_inference_steps=2)
+    trainer.add_callback(callback)
+    callback.trainer = trainer
+    trainer.train()
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+    assert [entry["step"] for entry in trainer.state.log_history if "eval/mean_pixel" in entry] == [1, 2]
