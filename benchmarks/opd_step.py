@@ -15,6 +15,20 @@ interleaved (1 2 4 1 2 4 ...) after one warm-up step each, so that a change of m
 each is reported as the median and range of its step times, with its teacher pass's share (and on the CPU the
 process' CPU seconds per step, which a busy machine inflates far less than wall time), beside the load average.
 `--compare_per_task` adds 2 and 4 teachers run with one teacher forward per task (the unbatched pass) to the rotation.
+
+    python -m benchmarks.opd_step --fused_vs_two_pass [--repeats 7] [--width 384] [--layers 4] [--resolution 64]
+
+The fused schedule against the two-pass one, and against the bare compute, at the same compute-bound size (one
+teacher, the whole batch its task). One process and one trainer: a micro-step of each schedule is the trainer's own
+`training_step` (student rollout, teacher means, one backward per trained step; no optimizer step, gradients dropped
+before each), the schedule switched between calls. The bare compute is the same denoiser calls without the trainer:
+at each trained step a teacher forward (its adapter active, no gradient) and a student forward and backward of the
+squared difference, at each untrained step a student forward without gradient, and a plain Euler step between them.
+The three are interleaved (fused, two-pass, bare, fused, ...) after one warm-up each and reported as median and range
+(and on the CPU the process' CPU seconds), beside the load average, with the two goals: two-pass / fused at least
+1.2x (the rollout forwards the fused schedule saves), fused / bare at most 1.1x (the trainer's overhead). With more
+threads than idle cores the CPU seconds are inflated too (the threads spin while waiting for each other): on a busy
+machine, `--threads 1`.
 """
 
 import argparse
@@ -30,7 +44,7 @@ from peft import LoraConfig
 
 from benchmarks._common import load_average, load_averages, median_and_spread, peak_rss_mib, run_isolated
 from diffusion_opd_trainer import DiffusionOPDConfig, DiffusionOPDTrainer
-from diffusion_opd_trainer.lora import DEFAULT_TARGET_MODULES, lora_parameters
+from diffusion_opd_trainer.lora import DEFAULT_TARGET_MODULES, active_adapter, lora_parameters
 from diffusion_opd_trainer.testing import (
     DEFAULT_WORDS,
     save_random_lora,
@@ -215,6 +229,106 @@ def teacher_scaling(args) -> None:
     print(f"4 teachers / 1 teacher: {ratio:.2f}x{cpu_ratio} (goal: at most 1.15x)")
 
 
+def fused_vs_two_pass(args) -> dict:
+    """
+    Seconds of a fused and of a two-pass micro-step and of the bare compute, interleaved (see the module docstring);
+    prints the table and the two ratios, and returns the timings.
+    """
+    torch.set_num_threads(args.threads)
+    pipe = compute_bound_pipeline(args.width, args.layers, args.resolution)
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    size = sum(p.numel() for p in pipe.transformer.parameters())
+    guidance_scale = 4.5  # as `make_trainer`'s
+    with tempfile.TemporaryDirectory() as tmp:
+        args.schedule = "fused"
+        trainer = make_trainer(pipe, 1, tmp, args)
+        model, family = trainer.model, trainer.family
+        model.train()
+        prompts = PROMPTS[: args.batch]
+        inputs = [{"prompt": prompt, "task": "task0"} for prompt in prompts]
+        embeds = trainer.encode(prompts)
+        teacher = trainer.teachers["task0"].adapter_name
+        height, width = trainer.image_size
+        trained = set(trainer.args.trained_step_indices)
+        generator = torch.Generator(device=family.device).manual_seed(0)
+
+        def schedule_step(schedule: str) -> None:
+            trainer.args.rollout_schedule = schedule
+            trainer.training_step(model, inputs)
+
+        def bare_step() -> None:
+            x = family.prepare_latents(len(prompts), height, width, generator)
+            timesteps = family.set_timesteps(args.inference_steps, height, width)
+            sigmas = family.scheduler.sigmas.tolist()
+            for j, t in enumerate(timesteps):
+                if j in trained:
+                    with torch.no_grad(), active_adapter(family.denoiser, teacher):
+                        target = family.predict(x, t, embeds, guidance_scale)
+                    velocity = family.predict(x, t, embeds, guidance_scale, denoiser=model)
+                    (velocity - target).pow(2).mean().backward()
+                    velocity = velocity.detach()
+                else:
+                    with torch.no_grad():
+                        velocity = family.predict(x, t, embeds, guidance_scale)
+                x = x + (sigmas[j + 1] - sigmas[j]) * velocity
+
+        variants = {
+            "fused": lambda: schedule_step("fused"),
+            "two_pass": lambda: schedule_step("two_pass"),
+            "bare": bare_step,
+        }
+
+        def timed(run) -> tuple[float, float]:
+            model.zero_grad(set_to_none=True)
+            synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run()
+            synchronize()
+            return time.perf_counter() - start, time.process_time() - cpu_start
+
+        tokens = (args.resolution // pipe.vae_scale_factor // 2) ** 2  # 2x2 patches of the latents
+        print(
+            f"SD3 transformer of {size / 1e6:.1f}M parameters (width {args.width}, {args.layers} layers, "
+            f"{args.resolution}px: {tokens} image tokens), {args.batch} prompts/step, {args.inference_steps} ODE "
+            f"steps ({len(trained)} trained), CFG {guidance_scale}, LoRA r32 student and one teacher, "
+            f"{args.threads} threads, {'GPU' if torch.cuda.is_available() else 'CPU'}; {args.repeats} interleaved "
+            "repeats (fused, two-pass, bare) after one warm-up each",
+            flush=True,
+        )
+        print(f"load average before: {load_averages()}", flush=True)
+        for run in variants.values():
+            timed(run)
+        times = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, run in variants.items():
+                times[name].append(timed(run))
+    print(f"load average after: {load_averages()}")
+    cpu = not torch.cuda.is_available()
+    print("| micro-step | s (median) | min - max | spread |" + (" CPU s (median) |" if cpu else ""))
+    print("|---|---|---|---|" + ("---|" if cpu else ""))
+    wall = {name: median_and_spread([value[0] for value in values]) for name, values in times.items()}
+    cpu_time = {name: median_and_spread([value[1] for value in values]) for name, values in times.items()}
+    for name in variants:
+        line = (
+            f"| {name} | {wall[name]['median']:.3f} | {wall[name]['min']:.3f} - {wall[name]['max']:.3f} | "
+            f"{100 * wall[name]['spread']:.0f}% |"
+        )
+        print(line + (f" {cpu_time[name]['median']:.3f} |" if cpu else ""))
+
+    def ratio(numerator: str, denominator: str) -> str:
+        of_medians = wall[numerator]["median"] / wall[denominator]["median"]
+        per_round = median_and_spread([a[0] / b[0] for a, b in zip(times[numerator], times[denominator])])
+        text = f"{of_medians:.2f}x (median of the rounds' ratios {per_round['median']:.2f}x)"
+        if cpu:
+            text += f", CPU time {cpu_time[numerator]['median'] / cpu_time[denominator]['median']:.2f}x"
+        return text
+
+    print(f"two-pass / fused: {ratio('two_pass', 'fused')} (goal: at least 1.2x)")
+    print(f"fused / bare: {ratio('fused', 'bare')} (goal: at most 1.1x)")
+    return {name: values for name, values in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -225,14 +339,20 @@ def main():
     parser.add_argument("--inference_steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--teacher_scaling", action="store_true", help="1, 2, 4 teachers at a compute-bound size")
-    parser.add_argument("--repeats", type=int, default=5, help="--teacher_scaling: timed steps per configuration")
-    parser.add_argument("--width", type=int, default=384, help="--teacher_scaling: the transformer's width")
-    parser.add_argument("--layers", type=int, default=4, help="--teacher_scaling: the transformer's blocks")
-    parser.add_argument("--resolution", type=int, default=64, help="--teacher_scaling: the image size in pixels")
+    parser.add_argument("--repeats", type=int, default=5, help="--teacher_scaling, --fused_vs_two_pass: timed rounds")
+    parser.add_argument("--width", type=int, default=384, help="compute-bound modes: the transformer's width")
+    parser.add_argument("--layers", type=int, default=4, help="compute-bound modes: the transformer's blocks")
+    parser.add_argument("--resolution", type=int, default=64, help="compute-bound modes: the image size in pixels")
     parser.add_argument("--compare_per_task", action="store_true", help="--teacher_scaling: add the unbatched pass")
+    parser.add_argument(
+        "--fused_vs_two_pass", action="store_true", help="fused vs two-pass vs the bare compute, compute-bound size"
+    )
     args = parser.parse_args()
     if args.teacher_scaling:
         teacher_scaling(args)
+        return
+    if args.fused_vs_two_pass:
+        fused_vs_two_pass(args)
         return
     if args.child:
         print(json.dumps(child(args)))

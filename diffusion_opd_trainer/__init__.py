@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0.dev0"
 
+from .quiet import import_bitsandbytes_quietly
+
+
+import_bitsandbytes_quietly()  # before peft imports it: see the function
+
 from .evaluation import EvaluationCallback, EvaluationResult, evaluate
 from .grpo_config import DiffusionGRPOConfig
 from .grpo_trainer import DiffusionGRPOTrainer

@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-__all__ = ["dropped_log_messages", "quiet_loading_bars", "quiet_lora_saving", "quiet_pipeline_imports"]
+__all__ = [
+    "dropped_log_messages",
+    "import_bitsandbytes_quietly",
+    "quiet_loading_bars",
+    "quiet_lora_saving",
+    "quiet_pipeline_imports",
+]
 
 
 class _DropMatching(logging.Filter):
@@ -73,3 +79,19 @@ def quiet_loading_bars() -> Iterator[None]:
     finally:
         for module in libraries:
             module.enable_progress_bar()
+
+
+def import_bitsandbytes_quietly() -> None:
+    """
+    Imports bitsandbytes, when installed and not imported yet, without its CPU backend's import-time warning that the
+    optional `kernels` package is missing for its 4-bit CPU matmul: that concerns 4-bit quantised weights, which the
+    library does not use (8-bit AdamW is its only use of bitsandbytes). peft imports bitsandbytes whenever it is
+    installed, so the library imports it first, once, at no extra cost.
+    """
+    import importlib.util
+    import sys
+
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    with dropped_log_messages("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward"):
+        import bitsandbytes  # noqa: F401
