@@ -2,31 +2,19 @@
 
 import pytest
 import torch
-from datasets import Dataset
+from family_training import grpo_trainer
 
-from diffusion_opd_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from diffusion_opd_trainer import DiffusionGRPOConfig
 from diffusion_opd_trainer.evaluation import sample_images
-from diffusion_opd_trainer.testing import TINY_TRAINING_ARGS, tiny_flux_pipeline, tiny_sd3_pipeline
+from diffusion_opd_trainer.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-def brightness(prompts, images, **kwargs):
-    return images.mean(dim=(1, 2, 3)).tolist()
-
-
 def make_trainer(tmp_path, pipe, **overrides):
-    values = dict(
-        TINY_TRAINING_ARGS, output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2
-    )
-    values.update(overrides)
-    return DiffusionGRPOTrainer(
-        pipe,
-        reward_funcs=brightness,
-        args=DiffusionGRPOConfig(**values),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    """GRPO over the two prompts, one group of 2 a step."""
+    return grpo_trainer(tmp_path, pipe, PROMPTS, per_device_train_batch_size=2, **overrides)
 
 
 def test_true_cfg_scale_reaches_the_flux_family_and_samples_as_the_pipeline(tmp_path):
