@@ -252,8 +252,9 @@ class DiffusionTrainerBase(ScaleOutSupport, Trainer):
     def _encode_prompts_up_front(self) -> None:
         """Encodes every prompt of the run once (text encoders on the accelerator for the pass), for the offload."""
         start = time.perf_counter()
-        total, count = 0, 0
-        for prompts, negative_prompt, max_sequence_length in self._run_prompts():
+        sets = self._run_prompts()
+        total = 0
+        for prompts, negative_prompt, max_sequence_length in sets:
             total = self.family.precompute_prompt_embeddings(
                 prompts,
                 negative_prompt=negative_prompt,
@@ -261,10 +262,9 @@ class DiffusionTrainerBase(ScaleOutSupport, Trainer):
                 batch_size=max(self.args.per_device_eval_batch_size, 8),
                 show_progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
             )
-            count += len(set(prompts))
         logger.info(
             "Encoded %d prompt(s) up front in %.1f s (`text_encoder_offload=%r`): %.1f MiB of embeddings on the CPU.",
-            count,
+            len({prompt for prompts, _, _ in sets for prompt in prompts}),
             time.perf_counter() - start,
             self.args.text_encoder_offload,
             total / 2**20,
