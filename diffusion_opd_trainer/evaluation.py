@@ -541,7 +541,13 @@ class EvaluationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         period = self.eval_steps or getattr(args, "eval_steps", None) or args.logging_steps
         if period and state.global_step % int(period) == 0:
+            # Logging goes through `Trainer.log`, which clears `control.should_log`: here, mid-step, that would cancel
+            # the step's own log on this process only (and under several processes the others would wait in its
+            # loss gather). The flag is put back for any trainer.
+            should_log = getattr(control, "should_log", None)
             self._run(args, state)
+            if control is not None:
+                control.should_log = should_log
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.evaluate_at_end:

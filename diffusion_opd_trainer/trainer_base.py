@@ -630,11 +630,7 @@ class DiffusionTrainerBase(ScaleOutSupport, Trainer):
 
     def log_evaluation(self, metrics: dict[str, float]) -> None:
         """Logs evaluation metrics through `Trainer.log`, as an entry of their own (no pending train metrics)."""
-        # `Trainer.log` clears `control.should_log`: called by a callback's `on_step_end` (`EvaluationCallback`), it
-        # would cancel the step's own log on this process only, and the others would wait in its loss gather.
-        should_log = self.control.should_log
         Trainer.log(self, metrics)
-        self.control.should_log = should_log
 
     # ----- saving and resuming ---------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None, ignore_keys_for_eval=None):

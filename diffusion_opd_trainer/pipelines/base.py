@@ -229,6 +229,10 @@ class PipelineFamily(ABC):
         _RELEASED_TEXT_ENCODERS[self.pipeline] = tuple(names)
         return names
 
+    def _text_encoders_on_device(self):
+        """The text encoders on the denoiser's device for the block (moved there and back when offloaded)."""
+        return modules_on(list(self.text_encoders.values()), self.device)
+
     def _vae_on_device(self):
         """The VAE on the denoiser's device for the block (moved there and back when it is offloaded to the CPU)."""
         vae = getattr(self.pipeline, "vae", None)
@@ -317,7 +321,7 @@ class PipelineFamily(ABC):
         if missing:
             self._check_text_encoders(missing)
             self._warn_truncation_once(missing, max_sequence_length)
-            with _diffusers_warnings_silenced(), modules_on(list(self.text_encoders.values()), self.device):
+            with _diffusers_warnings_silenced(), self._text_encoders_on_device():
                 encoded = self._encode(missing, max_sequence_length)
             for i, prompt in enumerate(missing):
                 fresh[prompt] = {k: v[i : i + 1] for k, v in encoded.items()}
@@ -337,7 +341,7 @@ class PipelineFamily(ABC):
         key = (negative_prompt, max_sequence_length)
         if key not in self._negative_cache:
             self._check_text_encoders([negative_prompt], negative=True)
-            with _diffusers_warnings_silenced(), modules_on(list(self.text_encoders.values()), self.device):
+            with _diffusers_warnings_silenced(), self._text_encoders_on_device():
                 self._negative_cache[key] = self._encode_negative(negative_prompt, max_sequence_length)
         return self._negative_cache[key]
 
@@ -378,7 +382,7 @@ class PipelineFamily(ABC):
         self._cache.max_items = None
         distinct = list(dict.fromkeys(prompts))
         starts = range(0, len(distinct), batch_size)
-        with modules_on(list(self.text_encoders.values()), self.device):
+        with self._text_encoders_on_device():
             for start in tqdm(starts, desc="Encoding prompts", disable=not show_progress):
                 self.encode_prompts(distinct[start : start + batch_size], None, max_sequence_length)
             if negative_prompt is not None:
